@@ -1,0 +1,370 @@
+"""The JAX backend: the core's math under `jax.jit`, with native scans.
+
+Glossary: B batch, L length, H hidden_size, E d_inner, N d_state, T chunk length.
+
+Scans (all chunked along L: `lax.scan` over chunks carries the state, each chunk's body is
+`jax.checkpoint`-ed so that a backward pass keeps one state per chunk and recomputes the
+inside, never O(B*L*E*N)):
+- `linear`: an inner `lax.scan` over the T steps of a chunk; XLA fuses the body (exp, the
+  update and the C readout) into one loop.  The fastest on CPU (see README "Scans").
+- `associative`: `lax.associative_scan` over each chunk with the operator
+  (a1, b1) * (a2, b2) = (a1*a2, a2*b1 + b2): O(log T) depth, the TPU path.
+- `cumulative`: the core's segment-sum chunk (`mamba_core.scan.chunk_cumulative`).
+
+Pure functional API, for JAX users (params: a dict keyed by the official names):
+    y, state = forward(params, x, config, state=None)        # jit-compiled, config static
+    y_t, state = step(params, state, x_t, config)
+Both work under `jax.jit`, `jax.grad`, `jax.vmap`, and in float64 with `jax_enable_x64`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mamba_core.config import MambaConfig
+from mamba_core.mixer import MambaState, mixer_forward, mixer_step
+from mamba_core.params import to_numpy
+from mamba_core.registry import Backend
+from mamba_core.scan import chunk_cumulative, resolve_chunk
+
+__all__ = [
+    "SCANS",
+    "JaxBackend",
+    "forward",
+    "get_backend",
+    "shard_inputs",
+    "shard_params",
+    "step",
+    "trace_count",
+]
+
+Array = Any
+
+# ---------------------------------------------------------------- the chunk bodies
+# Each takes the state h (B,E,N) and one time-major chunk: dt, u (T,B,E), Bm, Cm (T,B,N),
+# plus A (E,N); returns y (T,B,E) and the state after the chunk.
+
+
+def _chunk_linear(h, dt, u, Bm, Cm, A):
+    def one_step(h, xs):
+        d, du, b, c = xs
+        h = jnp.exp(d[..., None] * A) * h + du[..., None] * b[:, None, :]
+        return h, jnp.einsum("ben,bn->be", h, c)
+
+    h, y = lax.scan(one_step, h, (dt, dt * u, Bm, Cm))
+    return y, h
+
+
+def _combine(left, right):
+    a_l, b_l = left
+    a_r, b_r = right
+    return a_l * a_r, a_r * b_l + b_r
+
+
+def _chunk_associative(h, dt, u, Bm, Cm, A):
+    a = jnp.exp(dt[..., None] * A)  # (T,B,E,N), in (0, 1]
+    b = (dt * u)[..., None] * Bm[:, :, None, :]
+    a_cum, b_cum = lax.associative_scan(_combine, (a, b), axis=0)
+    hs = a_cum * h + b_cum
+    return jnp.einsum("tben,tbn->tbe", hs, Cm), hs[-1]
+
+
+def _chunk_cumulative(h, dt, u, Bm, Cm, A):
+    t = functools.partial(jnp.swapaxes, axis1=0, axis2=1)
+    y, h = chunk_cumulative(h, t(dt), t(u), t(Bm), t(Cm), A, xp=jnp)
+    return t(y), h
+
+
+_CHUNK_BODIES = {
+    "linear": _chunk_linear,
+    "associative": _chunk_associative,
+    "cumulative": _chunk_cumulative,
+}
+
+
+def chunked_scan(algorithm: str, chunk_size: int | str = "auto"):
+    """A `scan(u, dt, A, Bm, Cm, h0) -> (y, h)` running `algorithm` chunk by chunk."""
+    body_fn = _CHUNK_BODIES[algorithm]
+
+    def scan(u, dt, A, Bm, Cm, h0):
+        batch, length, channels = u.shape
+        size = min(resolve_chunk(algorithm, chunk_size), length)
+        chunks = math.ceil(length / size)
+        pad = chunks * size - length
+
+        def time_major(a):  # (B,L,X) -> (chunks, T, B, X); padded steps have dt = 0:
+            a = jnp.swapaxes(a, 0, 1)  # decay 1 and input 0, so they leave h unchanged
+            if pad:
+                a = jnp.pad(a, ((0, pad), (0, 0), (0, 0)))
+            return a.reshape((chunks, size, *a.shape[1:]))
+
+        @jax.checkpoint
+        def body(h, xs):
+            y, h = body_fn(h, *xs, A)
+            return h, y
+
+        h, ys = lax.scan(body, h0, tuple(map(time_major, (dt, u, Bm, Cm))))
+        y = ys.reshape((chunks * size, batch, channels))[:length]
+        return jnp.swapaxes(y, 0, 1), h
+
+    return scan
+
+
+SCANS = tuple(_CHUNK_BODIES)
+
+# ---------------------------------------------------------------- jitted entry points
+_TRACES = {"forward": 0, "step": 0}
+_TRACE_LOCK = threading.Lock()
+
+
+def trace_count(kind: str = "forward") -> int:
+    """How many times the jitted `forward` (or `step`) has been traced (= compiled) so far."""
+    return _TRACES[kind]
+
+
+def _constrain(x, mesh: Mesh | None, spec):
+    return x if mesh is None else lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _forward_impl(params, x, state, config, scan_type, mesh, data_axis, model_axis):
+    with _TRACE_LOCK:
+        _TRACES["forward"] += 1
+    algorithm = "linear" if scan_type is None or scan_type == "auto" else scan_type
+    scan = chunked_scan(algorithm, config.chunk_size)
+    if mesh is not None:
+        x = _constrain(x, mesh, P(data_axis, None, None))
+        inner = scan
+
+        def scan(u, dt, A, Bm, Cm, h0):  # channels are independent: shard E
+            spec_e = P(data_axis, None, model_axis)
+            u, dt = _constrain(u, mesh, spec_e), _constrain(dt, mesh, spec_e)
+            h0 = _constrain(h0, mesh, P(data_axis, model_axis, None))
+            y, h = inner(u, dt, A, Bm, Cm, h0)
+            return _constrain(y, mesh, spec_e), _constrain(h, mesh, P(data_axis, model_axis, None))
+
+    y, new_state = mixer_forward(params, x, config, state, scan=scan, xp=jnp)
+    return _constrain(y, mesh, P(data_axis, None, None)), new_state
+
+
+_forward_jit = jax.jit(
+    _forward_impl, static_argnames=("config", "scan_type", "mesh", "data_axis", "model_axis")
+)
+
+
+def forward(
+    params,
+    x,
+    config: MambaConfig,
+    state: MambaState | None = None,
+    *,
+    scan_type: str | None = None,
+    mesh: Mesh | None = None,
+    data_axis: str | None = "data",
+    model_axis: str | None = "model",
+):
+    """The mixer over x (B, L, H) -> (y (B, L, H), state after the last token).
+
+    Jit-compiled with `config` static (a second call with the same shapes does not
+    recompile).  `scan_type` overrides `config.scan_type` ("auto" = "linear" here; the
+    adapter resolves "auto" per device).  With a `mesh`, activations are constrained to
+    batch-over-`data_axis`, channels-over-`model_axis` shardings (see `shard_params`).
+    """
+    return _forward_jit(
+        params,
+        x,
+        state,
+        config=config,
+        scan_type=scan_type if scan_type is not None else config.scan_type,
+        mesh=mesh,
+        data_axis=data_axis,
+        model_axis=model_axis,
+    )
+
+
+def _step_impl(params, state, x_t, config):
+    with _TRACE_LOCK:
+        _TRACES["step"] += 1
+    return mixer_step(params, state, x_t, config, xp=jnp)
+
+
+_step_jit = jax.jit(_step_impl, static_argnames=("config",))
+
+
+def step(params, state: MambaState, x_t, config: MambaConfig):
+    """One decode step: x_t (B, H) -> (y_t (B, H), new state); jit-compiled."""
+    return _step_jit(params, state, x_t, config=config)
+
+
+# ---------------------------------------------------------------- sharding helpers
+def _param_spec(name: str, model_axis: str | None) -> P:
+    # E is the sharded axis of every parameter that has one
+    if name in ("in_proj.weight", "dt_proj.weight", "A_log", "conv1d.weight"):
+        return P(model_axis, *([None] * (2 if name == "conv1d.weight" else 1)))
+    if name in ("in_proj.bias", "conv1d.bias", "dt_proj.bias", "D"):
+        return P(model_axis)
+    if name in ("x_proj.weight", "out_proj.weight"):
+        return P(None, model_axis)  # these contract over E
+    return P()
+
+
+def shard_params(params, mesh: Mesh, *, model_axis: str | None = "model"):
+    """Place params on `mesh`: every E-sized axis split over `model_axis` (tensor parallel).
+
+    The conv and the scan are independent per channel; `x_proj` and `out_proj` contract
+    over E, so XLA adds their reductions; `in_proj`'s rows hold x_in and z back to back,
+    so its output is re-split once per call.
+    """
+    return {
+        name: jax.device_put(value, NamedSharding(mesh, _param_spec(name, model_axis)))
+        for name, value in params.items()
+    }
+
+
+def shard_inputs(x, mesh: Mesh, *, data_axis: str | None = "data"):
+    """Place x (B, L, H) on `mesh` with the batch split over `data_axis` (data parallel)."""
+    return jax.device_put(x, NamedSharding(mesh, P(data_axis, None, None)))
+
+
+# ---------------------------------------------------------------- compile-time accounting
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+_compile_clock = threading.local()
+
+
+def _on_duration(event: str, duration: float, **_: Any) -> None:
+    if event in _COMPILE_EVENTS and getattr(_compile_clock, "active", False):
+        _compile_clock.total += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+# ---------------------------------------------------------------- the backend
+class JaxBackend(Backend):
+    name = "jax"
+    xp = jnp
+
+    def __init__(self) -> None:
+        self._info: dict[str, Any] = {}
+
+    @property
+    def dtypes(self):  # float64 exists only with jax_enable_x64
+        return {
+            "float32": jnp.float32,
+            "float64": jnp.float64,
+            "bfloat16": jnp.bfloat16,
+            "float16": jnp.float16,
+        }
+
+    def dtype(self, name: str):
+        if name == "float64" and not jax.config.jax_enable_x64:
+            raise ValueError(
+                "dtype='float64' on the jax backend needs 64-bit JAX: call "
+                "jax.config.update('jax_enable_x64', True) first (or set JAX_ENABLE_X64=1)"
+            )
+        return super().dtype(name)
+
+    def is_native(self, value: Any) -> bool:
+        return isinstance(value, jax.Array)
+
+    def resolve_device(self, device: Any = None):
+        if device is None:
+            return jax.devices()[0]
+        if isinstance(device, jax.Device):
+            return device
+        if isinstance(device, str):
+            platform, _, index = device.partition(":")
+            platform = {"cuda": "gpu"}.get(platform, platform)
+            try:
+                return jax.devices(platform)[int(index or 0)]
+            except (RuntimeError, IndexError, ValueError):
+                pass
+        raise ValueError(
+            f"device={device!r} is invalid for the jax backend: expected a jax.Device or a "
+            f"string like 'cpu', 'gpu:0', 'tpu:1'; available: {jax.devices()}"
+        )
+
+    def asarray(self, value: Any, dtype=None, device=None):
+        if isinstance(value, jax.core.Tracer):
+            return value if dtype is None or value.dtype == dtype else value.astype(dtype)
+        if not isinstance(value, (jax.Array, np.ndarray)):
+            value = to_numpy(value)
+        arr = jnp.asarray(value, dtype=dtype)
+        if device is not None and not _is_sharded(arr):
+            arr = jax.device_put(arr, device)
+        return arr
+
+    def device_of(self, value: Any) -> str:
+        try:
+            devices = value.devices()
+        except Exception:  # a tracer: report the default device
+            devices = {jax.devices()[0]}
+        if len(devices) > 1:
+            return f"{next(iter(devices)).platform}:mesh({len(devices)})"
+        d = next(iter(devices))
+        return f"{d.platform}:{d.id}"
+
+    def platform(self, device: Any = None) -> str:
+        return (device or jax.devices()[0]).platform
+
+    def auto_scan(self, platform: str, config: MambaConfig) -> str:
+        # CPU: measured (README "Scans"): lax.scan is fastest.  TPU: the associative scan
+        # (parallel over L) when use_tpu_optimizations.  GPU: the associative scan too
+        # (not measured on this project's machines).
+        if platform == "tpu":
+            return "associative" if config.use_tpu_optimizations else "linear"
+        if platform == "gpu":
+            return "associative"
+        return "linear"
+
+    def _timed(self, kind: str, fn, *args, **kwargs):
+        before = _TRACES[kind]
+        _compile_clock.active, _compile_clock.total = True, 0.0
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            _compile_clock.active = False
+        compiled = _TRACES[kind] > before
+        self._info = {
+            "jit": True,
+            "compiled_now": compiled,
+            "compile_time_s": round(_compile_clock.total, 4) if compiled else 0.0,
+            "jit_traces": _TRACES[kind],
+        }
+        return out
+
+    def forward(self, params, x, config: MambaConfig, state: MambaState | None, scan_type: str):
+        return self._timed("forward", forward, params, x, config, state, scan_type=scan_type)
+
+    def step(self, params, state: MambaState, x_t, config: MambaConfig):
+        return self._timed("step", step, params, state, x_t, config)
+
+    def call_info(self) -> dict[str, Any]:
+        return dict(self._info)
+
+
+def _is_sharded(arr) -> bool:
+    try:
+        return len(arr.devices()) > 1
+    except Exception:
+        return False
+
+
+_BACKEND = JaxBackend()
+
+
+def get_backend() -> JaxBackend:
+    return _BACKEND

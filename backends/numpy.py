@@ -1,0 +1,144 @@
+"""The NumPy backend: the core's math on NumPy arrays, with a native threaded linear scan.
+
+Glossary: B batch, L length, E d_inner, N d_state.
+
+The core's generic scans run as they are (`associative`, `cumulative`).  `linear` (and
+`auto`) use `scan_linear` below: the same recurrence, step by step, with every elementwise
+operation writing into preallocated (E_block, N) buffers that stay in the CPU cache, and the
+independent (batch, channel-block) slices spread over a thread pool (NumPy releases the GIL
+inside its loops).  Its working memory is O(B*E*N) whatever L is.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar
+
+import array_api_compat.numpy as xp_numpy
+import numpy as np
+
+from mamba_core.config import MambaConfig
+from mamba_core.mixer import MambaState, core_scan, mixer_forward, mixer_step
+from mamba_core.params import to_numpy
+from mamba_core.registry import Backend
+
+__all__ = ["NumpyBackend", "get_backend", "num_threads", "scan_linear"]
+
+# Below this many state elements per step, threads cost more than they save.
+_MIN_PARALLEL_STATE = 1 << 15
+# Never split a batch row into channel blocks narrower than this.
+_MIN_BLOCK_CHANNELS = 64
+
+
+def num_threads() -> int:
+    """Threads for the scan: $MAMBA_CORE_NUM_THREADS, else the CPUs this process may use."""
+    env = os.environ.get("MAMBA_CORE_NUM_THREADS")
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(
+                f"MAMBA_CORE_NUM_THREADS={env!r} is invalid: expected a positive int"
+            ) from None
+        if value < 1:
+            raise ValueError(f"MAMBA_CORE_NUM_THREADS={env!r} is invalid: expected >= 1")
+        return value
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None or _POOL._max_workers != workers:
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mamba-scan")
+    return _POOL
+
+
+def _blocks(batch: int, channels: int, threads: int) -> list[tuple[int, int, int]]:
+    """(b, e0, e1) slices covering the batch, about `threads` of them or more."""
+    per_row = max(1, min(-(-threads // batch), channels // _MIN_BLOCK_CHANNELS))
+    edges = np.linspace(0, channels, per_row + 1).astype(int)
+    return [(b, int(edges[i]), int(edges[i + 1])) for b in range(batch) for i in range(per_row)]
+
+
+def scan_linear(u, dt, A, Bm, Cm, h0, *, threads: int | None = None):
+    """The sequential selective scan (see `mamba_core.scan`) on NumPy arrays.
+
+    u, dt (B,L,E); A (E,N); Bm, Cm (B,L,N); h0 (B,E,N) -> y (B,L,E), h_L (B,E,N).
+    The inputs are only read; the state is updated in this function's own buffer.
+    """
+    batch, length, channels = u.shape
+    dtype = u.dtype
+    du = dt * u
+    y = np.empty((batch, length, channels), dtype=dtype)
+    h = np.array(h0, dtype=dtype, copy=True, order="C")
+    a_mat = np.ascontiguousarray(A, dtype=dtype)
+
+    def run(b: int, e0: int, e1: int) -> None:
+        hb = h[b, e0:e1]
+        ab = a_mat[e0:e1]
+        buf = np.empty_like(hb)
+        dtb, dub, bb, cb, yb = dt[b, :, e0:e1], du[b, :, e0:e1], Bm[b], Cm[b], y[b, :, e0:e1]
+        for t in range(length):
+            np.multiply(dtb[t, :, None], ab, out=buf)
+            np.exp(buf, out=buf)  # exp(dt*A): exponent <= 0
+            np.multiply(hb, buf, out=hb)
+            np.multiply(dub[t, :, None], bb[t], out=buf)
+            np.add(hb, buf, out=hb)
+            np.matmul(hb, cb[t], out=yb[t])
+
+    workers = threads if threads is not None else num_threads()
+    if workers <= 1 or batch * channels * A.shape[1] < _MIN_PARALLEL_STATE:
+        for b in range(batch):
+            run(b, 0, channels)
+    else:
+        futures = [_pool(workers).submit(run, *blk) for blk in _blocks(batch, channels, workers)]
+        for future in futures:
+            future.result()
+    return y, h
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+    xp = xp_numpy
+    dtypes: ClassVar[dict[str, Any]] = {
+        "float32": np.float32,
+        "float64": np.float64,
+        "float16": np.float16,
+    }
+
+    def is_native(self, value: Any) -> bool:
+        return isinstance(value, np.ndarray)
+
+    def asarray(self, value: Any, dtype=None, device=None):
+        arr = value if isinstance(value, np.ndarray) else to_numpy(value)
+        return arr if dtype is None or arr.dtype == dtype else arr.astype(dtype)
+
+    def device_of(self, value: Any) -> str:
+        return "cpu"
+
+    def scan_fn(self, scan_type: str, config: MambaConfig):
+        if scan_type == "linear":
+            return scan_linear
+        return core_scan(scan_type, config.chunk_size)
+
+    def forward(self, params, x, config: MambaConfig, state: MambaState | None, scan_type: str):
+        return mixer_forward(
+            params, x, config, state, scan=self.scan_fn(scan_type, config), xp=self.xp
+        )
+
+    def step(self, params, state: MambaState, x_t, config: MambaConfig):
+        return mixer_step(params, state, x_t, config, xp=self.xp)
+
+
+_BACKEND = NumpyBackend()
+
+
+def get_backend() -> NumpyBackend:
+    return _BACKEND

@@ -1,0 +1,373 @@
+"""The PyTorch backend and `MambaTorch`, an `nn.Module` with the official parameter names.
+
+Glossary: B batch, L length, H hidden_size, E d_inner, N d_state, T chunk length.
+
+The math is the core's (`mamba_core.mixer.mixer_forward` through `array_api_compat.torch`);
+the scans are native where that pays:
+- `linear` without autograd: a step loop whose updates run in place in preallocated chunk
+  buffers (`h.mul_(dA_t).add_(dBu_t)`), the decays of T steps computed at once.  With
+  autograd: the same recurrence out of place, each chunk under `torch.utils.checkpoint`, so
+  a backward pass keeps one state per chunk and recomputes the inside (memory O(L/T * B*E*N)
+  instead of O(B*L*E*N)).  Optionally (`compile_scan=True`), the chunk is a
+  `torch.compile`-d kernel: one fused loop per chunk, several times faster on CPU after a
+  one-off compile of ~15 s.
+- `cumulative`: the core's segment-sum chunk (`mamba_core.scan.chunk_cumulative`): only
+  exponentials of non-positive numbers, T-step chunks done as batched tensor ops (few kernel
+  launches per chunk, the CUDA-friendly form).  Default chunk: 4 on CPU, 16 on CUDA.
+- `associative`: the core's Hillis-Steele chunk.
+
+Device and dtype follow the inputs: nothing here names a device; states and temporaries are
+created on `x.device`; parameters of another floating dtype are cast to `x.dtype` (16-bit
+inputs run the scan in float32 under `use_mixed_precision`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import array_api_compat.torch as xp_torch
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mamba_core.config import MambaConfig, resolve_config
+from mamba_core.mixer import MambaState, init_state, mixer_forward, mixer_step
+from mamba_core.params import check_state_dict, init_params, to_numpy
+from mamba_core.registry import Backend
+from mamba_core.scan import ALGORITHMS, DEFAULT_CHUNK
+
+__all__ = ["MambaTorch", "TorchBackend", "get_backend", "torch_forward", "torch_step"]
+
+Array = torch.Tensor
+#: chunk length per algorithm where the config says "auto"; CUDA takes longer
+#: `cumulative` chunks (fewer kernel launches; its (T, T) decay blocks are cheap there).
+_CUDA_CHUNK = {**DEFAULT_CHUNK, "cumulative": 16}
+
+
+def _chunk(algorithm: str, chunk_size, device: torch.device) -> int:
+    if chunk_size != "auto":
+        return int(chunk_size)
+    return (_CUDA_CHUNK if device.type == "cuda" else DEFAULT_CHUNK)[algorithm]
+
+
+# ---------------------------------------------------------------- the linear scan
+@torch.no_grad()
+def _linear_inplace(u, dt, A, Bm, Cm, h0, size: int):
+    batch, length, channels = u.shape
+    n = A.shape[1]
+    h = h0.clone()
+    y = torch.empty((batch, length, channels), dtype=u.dtype, device=u.device)
+    size = min(size, length)
+    d_a = torch.empty((batch, size, channels, n), dtype=u.dtype, device=u.device)
+    d_bu = torch.empty_like(d_a)
+    du = dt * u
+    for start in range(0, length, size):
+        stop = min(start + size, length)
+        m = stop - start
+        torch.mul(dt[:, start:stop, :, None], A, out=d_a[:, :m])
+        d_a[:, :m].exp_()  # exp(dt*A): exponent <= 0
+        torch.mul(du[:, start:stop, :, None], Bm[:, start:stop, None, :], out=d_bu[:, :m])
+        for t in range(m):
+            h.mul_(d_a[:, t]).add_(d_bu[:, t])
+            torch.matmul(h, Cm[:, start + t, :, None], out=y[:, start + t, :, None])
+    return y, h
+
+
+def _linear_chunk(h, dt, u, Bm, Cm, A):
+    """One chunk, out of place (differentiable): h (B,E,N); dt, u (B,T,E); Bm, Cm (B,T,N)."""
+    d_a = torch.exp(dt[..., None] * A)
+    d_bu = (dt * u)[..., None] * Bm[:, :, None, :]
+    states = []
+    for t in range(dt.shape[1]):
+        h = torch.addcmul(d_bu[:, t], d_a[:, t], h)
+        states.append(h)
+    y = torch.matmul(torch.stack(states, dim=1), Cm[..., None])[..., 0]
+    return y, h
+
+
+def _compiled_chunk_fn(h, dt, u, Bm, Cm, A):
+    """The chunk written as one expression per step, for torch.compile to fuse."""
+    ys = []
+    du = dt * u
+    for t in range(dt.shape[1]):
+        h = torch.exp(dt[:, t, :, None] * A) * h + du[:, t, :, None] * Bm[:, t, None, :]
+        ys.append((h * Cm[:, t, None, :]).sum(-1))
+    return torch.stack(ys, dim=1), h
+
+
+@functools.cache
+def _compiled_chunk():
+    return torch.compile(_compiled_chunk_fn, dynamic=False)
+
+
+def _chunked(chunk_fn, u, dt, A, Bm, Cm, h0, size: int, use_checkpoint: bool):
+    length = u.shape[1]
+    h = h0
+    ys = []
+    for start in range(0, length, size):
+        sl = slice(start, min(start + size, length))
+        args = (h, dt[:, sl], u[:, sl], Bm[:, sl], Cm[:, sl], A)
+        if use_checkpoint:
+            y, h = checkpoint(chunk_fn, *args, use_reentrant=False)
+        else:
+            y, h = chunk_fn(*args)
+        ys.append(y)
+    return torch.cat(ys, dim=1), h
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def make_scan(algorithm: str, chunk_size="auto", *, compile_scan: bool = False):
+    """A `scan(u, dt, A, Bm, Cm, h0) -> (y, h)` for `algorithm` on torch tensors."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"scan {algorithm!r} is invalid: expected one of {sorted(ALGORITHMS)}")
+
+    @torch.compiler.disable  # inside torch.compile(model), the scan runs as its own region
+    def scan(u, dt, A, Bm, Cm, h0):
+        size = _chunk(algorithm, chunk_size, u.device)
+        grad = _needs_grad(u, dt, A, Bm, Cm, h0)
+        if algorithm == "linear":
+            if compile_scan:
+                return _chunked(_compiled_chunk(), u, dt, A, Bm, Cm, h0, size, grad)
+            if not grad:
+                return _linear_inplace(u, dt, A, Bm, Cm, h0, size)
+            return _chunked(_linear_chunk, u, dt, A, Bm, Cm, h0, size, True)
+        chunk_fn = functools.partial(ALGORITHMS[algorithm], xp=xp_torch)
+        return _chunked(chunk_fn, u, dt, A, Bm, Cm, h0, size, grad)
+
+    return scan
+
+
+@functools.lru_cache(maxsize=64)
+def _scan_for(algorithm: str, chunk_size, compile_scan: bool):
+    return make_scan(algorithm, chunk_size, compile_scan=compile_scan)
+
+
+def _resolve_scan(config: MambaConfig, scan_type: str | None, device: torch.device) -> str:
+    scan_type = scan_type or config.scan_type
+    if scan_type == "auto":
+        return "cumulative" if device.type == "cuda" else "linear"
+    return scan_type
+
+
+def torch_forward(
+    params: Mapping[str, Array],
+    x: Array,
+    config: MambaConfig,
+    state: MambaState | None = None,
+    *,
+    scan_type: str | None = None,
+    compile_scan: bool = False,
+):
+    """The mixer on torch tensors: x (B, L, H) -> (y (B, L, H), state).  Differentiable."""
+    algorithm = _resolve_scan(config, scan_type, x.device)
+    scan = _scan_for(algorithm, config.chunk_size, compile_scan)
+    return mixer_forward(params, x, config, state, scan=scan, xp=xp_torch)
+
+
+def torch_step(params: Mapping[str, Array], state: MambaState, x_t: Array, config: MambaConfig):
+    """One decode step on torch tensors: x_t (B, H) -> (y_t (B, H), state)."""
+    return mixer_step(params, state, x_t, config, xp=xp_torch)
+
+
+# ---------------------------------------------------------------- the backend
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def _compile_default() -> bool:
+    return os.environ.get("MAMBA_CORE_TORCH_COMPILE", "").lower() in ("1", "true", "yes")
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    xp = xp_torch
+    dtypes = _DTYPES
+
+    def is_native(self, value: Any) -> bool:
+        return isinstance(value, torch.Tensor)
+
+    def resolve_device(self, device: Any = None):
+        if device is None:
+            return torch.device("cpu")
+        try:
+            dev = torch.device(device)
+            torch.empty(0, device=dev)
+        except (RuntimeError, TypeError, AssertionError) as exc:
+            raise ValueError(
+                f"device={device!r} is invalid for the torch backend: expected a torch.device "
+                f"or a string like 'cpu' or 'cuda:0' ({exc})"
+            ) from None
+        return dev
+
+    def asarray(self, value: Any, dtype=None, device=None):
+        if not isinstance(value, torch.Tensor):
+            arr = value if isinstance(value, np.ndarray) else to_numpy(value)
+            value = torch.from_numpy(np.ascontiguousarray(arr))
+        return value.to(device=device, dtype=dtype)
+
+    def device_of(self, value: Any) -> str:
+        return str(value.device)
+
+    def platform(self, device: Any = None) -> str:
+        return "gpu" if device is not None and torch.device(device).type == "cuda" else "cpu"
+
+    def auto_scan(self, platform: str, config: MambaConfig) -> str:
+        # CPU: measured (README "Scans"): the in-place linear loop is fastest eagerly.
+        # CUDA: the chunked cumulative form (few launches per chunk; not measured here).
+        return "cumulative" if platform == "gpu" else "linear"
+
+    def forward(self, params, x, config: MambaConfig, state: MambaState | None, scan_type: str):
+        return torch_forward(
+            params, x, config, state, scan_type=scan_type, compile_scan=_compile_default()
+        )
+
+    def step(self, params, state: MambaState, x_t, config: MambaConfig):
+        return torch_step(params, state, x_t, config)
+
+    def call_info(self) -> dict[str, Any]:
+        return {"compiled_scan": _compile_default()}
+
+
+_BACKEND = TorchBackend()
+
+
+def get_backend() -> TorchBackend:
+    return _BACKEND
+
+
+# ---------------------------------------------------------------- the nn.Module
+class MambaTorch(nn.Module):
+    """One Mamba mixer as a `torch.nn.Module`, parameters under the official names.
+
+    `load_state_dict(hf_mixer.state_dict(), strict=True)` works for a HuggingFace
+    `MambaMixer` or an official `mamba_ssm` `Mamba` layer of the same shape.
+
+    Args:
+        config: a `MambaConfig`, a dict of its fields or None.
+        seed: initialisation seed; the same seed gives the same weights as
+            `MambaModule(config, seed=seed)` on every backend.  None draws one from torch's
+            global generator, so `torch.manual_seed` controls it.
+        device, dtype: where and in which dtype to create the parameters.
+        compile_scan: run the linear scan's chunks as a `torch.compile`-d kernel.
+    """
+
+    def __init__(
+        self,
+        config: MambaConfig | Mapping[str, Any] | None = None,
+        *,
+        seed: int | None = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        compile_scan: bool = False,
+    ) -> None:
+        super().__init__()
+        cfg = resolve_config(config)
+        self.config = cfg
+        self.compile_scan = compile_scan
+        h, e, n, r, k = cfg.hidden_size, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv
+        kw = {"device": device, "dtype": dtype}
+        self.in_proj = nn.Linear(h, 2 * e, bias=cfg.use_bias, **kw)
+        self.conv1d = nn.Conv1d(
+            e, e, kernel_size=k, groups=e, padding=k - 1, bias=cfg.use_conv_bias, **kw
+        )
+        self.x_proj = nn.Linear(e, r + 2 * n, bias=False, **kw)
+        self.dt_proj = nn.Linear(r, e, bias=True, **kw)
+        self.A_log = nn.Parameter(torch.empty(e, n, **kw))
+        self.D = nn.Parameter(torch.empty(e, **kw))
+        self.out_proj = nn.Linear(e, h, bias=cfg.use_bias, **kw)
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        self.load_official(init_params(cfg, seed))
+
+    # -------------------------------------------------------------- weights
+    def params_dict(self) -> dict[str, nn.Parameter]:
+        """{official name: parameter}: the dict the core's functions take."""
+        return dict(self.named_parameters())
+
+    @torch.no_grad()
+    def load_official(self, state_dict: Mapping[str, Any]) -> None:
+        """Copy any array-likes (NumPy, JAX, torch) under the official names into the
+        parameters, checking every key and shape first (one error lists every problem)."""
+        arrays = check_state_dict(state_dict, self.config)
+        for name, param in self.named_parameters():
+            param.copy_(torch.as_tensor(np.asarray(arrays[name]), dtype=param.dtype))
+
+    def numpy_state_dict(self) -> dict[str, np.ndarray]:
+        return {name: to_numpy(p) for name, p in self.params_dict().items()}
+
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs) -> MambaTorch:
+        """Load a `MambaModule.save_pretrained` directory (config.json + model.safetensors)."""
+        from mamba_core.module import load_pretrained
+
+        config, _, weights = load_pretrained(directory)
+        module = cls(config, seed=0, **kwargs)
+        module.load_official(weights)
+        return module
+
+    # -------------------------------------------------------------- compute
+    def _check(self, x: Array, ndim: int, what: str) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"MambaTorch expected {what} as a torch.Tensor, received {type(x).__name__}"
+            )
+        h = self.config.hidden_size
+        if x.ndim != ndim or x.shape[-1] != h:
+            doc = "(batch, seq_len, hidden_size)" if ndim == 3 else "(batch, hidden_size)"
+            raise ValueError(
+                f"MambaTorch expected {what} of shape {doc} with hidden_size={h}; received "
+                f"{what}.shape={tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(
+                f"MambaTorch expected a floating {what}, received {what}.dtype={x.dtype}"
+            )
+        dev = self.A_log.device
+        if x.device != dev:
+            raise ValueError(
+                f"{what} is on {x.device} but the module's parameters are on {dev}; move one "
+                f"of them (e.g. module.to({str(x.device)!r}))"
+            )
+
+    def forward(self, x: Array, state: MambaState | None = None, *, return_state: bool = False):
+        """x (B, L, H) -> y (B, L, H) in x's dtype (and the state, with `return_state`)."""
+        self._check(x, 3, "x")
+        y, new_state = torch_forward(
+            self.params_dict(), x, self.config, state, compile_scan=self.compile_scan
+        )
+        return (y, new_state) if return_state else y
+
+    def step(self, x_t: Array, state: MambaState | None = None):
+        """One decode step: x_t (B, H) -> (y_t (B, H), new state)."""
+        self._check(x_t, 2, "x_t")
+        if state is None:
+            state = self.init_state(x_t.shape[0], dtype=x_t.dtype)
+        return torch_step(self.params_dict(), state, x_t, self.config)
+
+    def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None) -> MambaState:
+        """The zero state on the parameters' device (compute dtype: `dtype` or theirs)."""
+        return init_state(
+            self.config,
+            batch_size,
+            dtype=dtype or self.A_log.dtype,
+            xp=xp_torch,
+            device=self.A_log.device,
+        )
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"hidden_size={c.hidden_size}, d_inner={c.d_inner}, d_state={c.d_state}, "
+            f"dt_rank={c.dt_rank}, d_conv={c.d_conv}, scan_type={c.scan_type!r}"
+        )

@@ -1,0 +1,191 @@
+"""`MambaConfig`: every field of the upstream `MambaModule` config, validated.
+
+Glossary (used in every module of the package):
+    B batch, L sequence length, H hidden_size, E = expand_factor * H (d_inner),
+    N d_state, R dt_rank, K d_conv, T chunk length.
+
+A config is built from keyword arguments, from a dict (`MambaConfig.from_dict`), from
+another `MambaConfig`, or from a TOML table (`MambaConfig.from_toml(path,
+table="modules.mamba")`).  Every bad value raises `ValueError` naming the field, the value
+received and what is allowed; an unknown key raises with the nearest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+__all__ = ["ACTIVATIONS", "SCAN_TYPES", "MambaConfig", "resolve_config"]
+
+#: Activation names accepted by `MambaConfig.activation` ("silu" is an alias of "swish").
+ACTIVATIONS = ("swish", "silu", "gelu", "relu")
+#: Scan algorithms accepted by `MambaConfig.scan_type`.
+SCAN_TYPES = ("auto", "linear", "associative", "cumulative")
+#: Keys a `[modules.mamba]` TOML table may carry that are not layer fields.
+_TABLE_ONLY_KEYS = frozenset({"enabled"})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class MambaConfig:
+    """Configuration of one Mamba mixer layer.
+
+    Field defaults are the upstream `MambaModule` defaults, except `use_bias` (False, the
+    official and HuggingFace default; upstream declared True but never used a bias) and
+    `scan_type` ("auto": each backend picks its fastest stable algorithm for the device; see
+    README "Scans").
+    """
+
+    hidden_size: int = 768
+    d_state: int = 64
+    d_conv: int = 4
+    expand_factor: int = 2
+    dt_rank: int | str = 32
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    activation: str = "swish"
+    layer_norm_epsilon: float = 1e-5
+    use_tpu_optimizations: bool = True
+    use_mixed_precision: bool = True
+    scan_type: str = "auto"
+    chunk_size: int | str = "auto"
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    dt_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        errors = []
+
+        def bad(field: str, allowed: str) -> None:
+            errors.append(f"{field}={getattr(self, field)!r} is invalid: expected {allowed}")
+
+        for name in ("hidden_size", "d_state", "d_conv", "expand_factor"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                bad(name, "a positive int")
+        if self.dt_rank == "auto":
+            if _is_int(self.hidden_size) and self.hidden_size >= 1:
+                object.__setattr__(self, "dt_rank", math.ceil(self.hidden_size / 16))
+        elif not _is_int(self.dt_rank) or self.dt_rank < 1:
+            bad("dt_rank", "a positive int or 'auto' (= ceil(hidden_size / 16))")
+        if self.chunk_size != "auto" and (not _is_int(self.chunk_size) or self.chunk_size < 1):
+            bad("chunk_size", "a positive int or 'auto' (each scan's default)")
+        for name in ("use_bias", "use_conv_bias", "use_tpu_optimizations", "use_mixed_precision"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "a bool (True or False)")
+        if self.activation not in ACTIVATIONS:
+            bad("activation", f"one of {', '.join(map(repr, ACTIVATIONS))}")
+        if self.scan_type not in SCAN_TYPES:
+            bad("scan_type", f"one of {', '.join(map(repr, SCAN_TYPES))}")
+        for name in ("layer_norm_epsilon", "dt_min", "dt_max", "dt_scale"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value) or value <= 0:
+                bad(name, "a finite number > 0")
+        if not _is_real(self.dt_init_floor) or not (
+            math.isfinite(self.dt_init_floor) and self.dt_init_floor >= 0
+        ):
+            bad("dt_init_floor", "a finite number >= 0")
+        if not errors and self.dt_max < self.dt_min:
+            errors.append(
+                f"dt_max={self.dt_max!r} is invalid: expected dt_max >= dt_min "
+                f"(dt_min={self.dt_min!r})"
+            )
+        if errors:
+            raise ValueError("invalid MambaConfig: " + "; ".join(errors))
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def d_inner(self) -> int:
+        """E = expand_factor * hidden_size, the width of the SSM."""
+        return self.expand_factor * self.hidden_size
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> MambaConfig:
+        """Build from a mapping of field names; the TOML-level key `enabled` is ignored.
+
+        An unknown key raises `ValueError` with the nearest valid field name.
+        """
+        if not isinstance(values, Mapping):
+            raise TypeError(
+                f"MambaConfig.from_dict expected a mapping of field names to values, "
+                f"received {type(values).__name__}"
+            )
+        names = cls.field_names()
+        unknown = [k for k in values if k not in names and k not in _TABLE_ONLY_KEYS]
+        if unknown:
+            messages = []
+            for key in unknown:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                messages.append(f"{key!r} is not a MambaConfig field{hint}")
+            raise ValueError("; ".join(messages) + f" (valid fields: {', '.join(names)})")
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike, table: str = "modules.mamba") -> MambaConfig:
+        """Read a config from the (dotted) `table` of the TOML file at `path`."""
+        with open(path, "rb") as fh:
+            document = tomllib.load(fh)
+        node: Any = document
+        walked = []
+        for part in table.split(".") if table else []:
+            walked.append(part)
+            if not isinstance(node, Mapping) or part not in node:
+                raise ValueError(
+                    f"TOML file {os.fspath(path)!r} has no table [{'.'.join(walked)}] "
+                    f"(expected a [{table}] table)"
+                )
+            node = node[part]
+        if not isinstance(node, Mapping):
+            raise ValueError(
+                f"[{table}] in {os.fspath(path)!r} is a {type(node).__name__}, expected a table"
+            )
+        return cls.from_dict(node)
+
+    def replace(self, **changes: Any) -> MambaConfig:
+        """A copy with some fields changed (validated like a new config)."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_config(config: MambaConfig | Mapping[str, Any] | None = None, **overrides: Any):
+    """Turn `None`, a dict or a `MambaConfig` (plus keyword overrides) into a `MambaConfig`."""
+    if config is None:
+        base: dict[str, Any] = {}
+    elif isinstance(config, MambaConfig):
+        base = config.to_dict()
+    elif isinstance(config, Mapping):
+        base = dict(config)
+    else:
+        raise TypeError(
+            "config must be a MambaConfig, a dict of MambaConfig fields or None; "
+            f"received {type(config).__name__}"
+        )
+    if not overrides and isinstance(config, MambaConfig):
+        return config
+    return MambaConfig.from_dict({**base, **overrides})

@@ -1,0 +1,446 @@
+"""`MambaModule`: the CapibaraGPT `IModule` face over any backend.
+
+    module = MambaModule({"hidden_size": 768, "d_state": 64}, backend="auto")
+    result = module(np.random.randn(2, 512, 768))      # float64 input, cast to float32
+    result["output"]            # (2, 512, 768), an array of the backend's library
+    result["metrics"]           # what ran: backend, device, dtype, scan_used, ...
+    result["state"]             # MambaState after the last token; pass it back as state=
+
+Unlike the upstream module, errors are raised (`ValueError` / `TypeError` saying what was
+expected and what was received) instead of being swallowed into `success=False` with the
+input returned as output: a result that is returned is always a real Mamba output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .config import MambaConfig, resolve_config
+from .mixer import MambaState, init_state, param_shapes, scan_dtype
+from .params import check_state_dict, init_params, to_numpy
+from .registry import Backend, backend_installed, get_backend
+from .scan import resolve_chunk
+
+__all__ = ["IModule", "MambaModule", "available_modules", "create_module"]
+
+logger = logging.getLogger("mamba_core")
+
+DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+class IModule(ABC):
+    """The modular-model interface: a module maps inputs to a dict of results."""
+
+    @abstractmethod
+    def __call__(self, inputs: Any, training: bool = False) -> dict[str, Any]:
+        """Process inputs and return a dict with at least `output`, `metrics`, `success`."""
+
+    def setup_tpu_optimizations(self) -> Any:
+        """Optional TPU set-up hook."""
+        return None
+
+
+def _dtype_name(dtype: Any) -> str:
+    if isinstance(dtype, str):
+        name = dtype
+    else:
+        text = str(dtype)
+        if text.startswith("torch."):
+            name = text[len("torch.") :]
+        else:
+            try:
+                name = np.dtype(dtype).name
+            except TypeError:
+                name = text
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype={dtype!r} is invalid: expected one of {DTYPE_NAMES}")
+    return name
+
+
+class MambaModule(IModule):
+    """One Mamba mixer layer on the chosen backend, with the upstream `MambaModule` interface.
+
+    Args:
+        config: a `MambaConfig`, a dict of its fields (the TOML key `enabled` is ignored) or
+            None for the defaults.
+        backend: "auto" (JAX, then PyTorch, then NumPy), "numpy", "jax" or "torch".
+        dtype: "float32" (default), "float64", "bfloat16" or "float16" (where the backend
+            has it); inputs of another floating precision are cast to it.
+        seed: initialisation seed; the same seed gives the same weights on every backend.
+        allow_fallback: when the requested backend's framework is missing, run on NumPy with
+            a warning (True) or raise `ImportError` (False).
+        device: backend device (a `jax.Device`, a `torch.device` or a string like "cuda:0");
+            None for the framework's default.
+        state_dict: official-name weights to load instead of initialising.
+    """
+
+    def __init__(
+        self,
+        config: MambaConfig | Mapping[str, Any] | None = None,
+        backend: str = "auto",
+        dtype: Any = "float32",
+        seed: int = 0,
+        *,
+        allow_fallback: bool = True,
+        device: Any = None,
+        state_dict: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.config = resolve_config(config)
+        self.logger = logger
+        self.backend: Backend
+        self.backend, self.resolution = get_backend(backend, allow_fallback=allow_fallback)
+        self.dtype = _dtype_name(dtype)
+        self._dtype = self.backend.dtype(self.dtype)
+        self._device = self.backend.resolve_device(device)
+        self.d_inner = self.config.d_inner
+        self.seed = seed
+        weights = (
+            check_state_dict(state_dict, self.config)
+            if state_dict is not None
+            else init_params(self.config, seed)
+        )
+        self.params = self._params_to_backend(weights)
+        self._calls = 0
+        self._last_metrics: dict[str, Any] = {}
+        self.logger.info(
+            "MambaModule initialised: hidden=%d d_state=%d backend=%s dtype=%s",
+            self.config.hidden_size,
+            self.config.d_state,
+            self.backend.name,
+            self.dtype,
+        )
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    @property
+    def device(self) -> str:
+        return self.backend.device_of(next(iter(self.params.values())))
+
+    def _params_to_backend(self, weights: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        return {
+            name: self.backend.asarray(np.array(value, copy=True), self._dtype, self._device)
+            for name, value in weights.items()
+        }
+
+    def _scan_dtype(self):
+        return scan_dtype(self._dtype, self.config, xp=self.backend.xp)
+
+    def _array(self, value: Any, what: str, shape_doc: str, ndim: int):
+        """Validate an input array and bring it to the backend, dtype and device."""
+        if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+            raise TypeError(
+                f"MambaModule expected {what} as an array of shape {shape_doc}; received "
+                f"{type(value).__name__}"
+            )
+        shape = tuple(value.shape)
+        if len(shape) != ndim:
+            raise ValueError(
+                f"MambaModule expected {what} as a {ndim}-D array {shape_doc}; received "
+                f"{what}.shape={shape}"
+            )
+        if shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"MambaModule expected {what} with last axis hidden_size="
+                f"{self.config.hidden_size} {shape_doc}; received {what}.shape={shape}"
+            )
+        if any(s == 0 for s in shape):
+            raise ValueError(
+                f"MambaModule expected {what} with no empty axis {shape_doc}; received "
+                f"{what}.shape={shape}"
+            )
+        native = value if self.backend.is_native(value) else self.backend.asarray(value)
+        if not self.backend.xp.isdtype(native.dtype, "real floating"):
+            raise TypeError(
+                f"MambaModule expected {what} of a real floating dtype (it is cast to "
+                f"{self.dtype}); received {what}.dtype={value.dtype}"
+            )
+        return self.backend.asarray(native, self._dtype, self._device)
+
+    def _state(self, state: Any, batch: int) -> MambaState:
+        if isinstance(state, Mapping):
+            try:
+                conv, ssm = state["conv_state"], state["ssm_state"]
+            except KeyError as exc:
+                raise ValueError(
+                    f"a state mapping needs keys 'conv_state' and 'ssm_state'; missing {exc}"
+                ) from None
+        elif isinstance(state, tuple) and len(state) == 2:
+            conv, ssm = state
+        else:
+            raise TypeError(
+                "state must be a MambaState (or a (conv_state, ssm_state) pair); received "
+                f"{type(state).__name__}"
+            )
+        e, k, n = self.config.d_inner, self.config.d_conv, self.config.d_state
+        expected = {
+            "conv_state": ((batch, e, k), "(batch, d_inner, d_conv)", conv),
+            "ssm_state": ((batch, e, n), "(batch, d_inner, d_state)", ssm),
+        }
+        out = {}
+        for name, (shape, doc, value) in expected.items():
+            received = tuple(getattr(value, "shape", ()))
+            if not hasattr(value, "shape") or received != shape:
+                raise ValueError(
+                    f"state.{name}: expected shape {shape} {doc} for a batch of {batch}; "
+                    f"received {received if hasattr(value, 'shape') else type(value).__name__}"
+                )
+            native = value if self.backend.is_native(value) else self.backend.asarray(value)
+            if not self.backend.xp.isdtype(native.dtype, "real floating"):
+                raise TypeError(
+                    f"state.{name}: expected a real floating dtype, received {value.dtype}"
+                )
+            dtype = self._dtype if name == "conv_state" else self._scan_dtype()
+            out[name] = self.backend.asarray(native, dtype, self._device)
+        return MambaState(out["conv_state"], out["ssm_state"])
+
+    def _scan_used(self) -> str:
+        if self.config.scan_type != "auto":
+            return self.config.scan_type
+        return self.backend.auto_scan(self.backend.platform(self._device), self.config)
+
+    def _metrics(self, batch: int, length: int, scan_used: str) -> dict[str, Any]:
+        platform = self.backend.platform(self._device)
+        return {
+            "mamba_active": True,
+            "complexity": "O(log n)" if scan_used == "associative" else "O(n)",
+            "work_complexity": "O(n)",
+            "sequence_length": length,
+            "batch_size": batch,
+            "d_state": self.config.d_state,
+            "selective_scan_used": True,
+            "tpu_optimized": bool(
+                self.backend.name == "jax" and platform == "tpu" and scan_used == "associative"
+            ),
+            "backend": self.backend.name,
+            "requested_backend": self.resolution.requested,
+            "fallback_used": self.resolution.fallback_used,
+            "device": self.device,
+            "platform": platform,
+            "dtype": self.dtype,
+            "scan_dtype": self._scan_dtype_name(),
+            "scan_type": self.config.scan_type,
+            "scan_used": scan_used,
+            **self.backend.call_info(),
+        }
+
+    def _scan_dtype_name(self) -> str:
+        return self.dtype if self._scan_dtype() == self._dtype else "float32"
+
+    # ------------------------------------------------------------------ the interface
+    def __call__(self, inputs: Any, training: bool = False, *, state: Any = None) -> dict[str, Any]:
+        """Run the mixer over `inputs` (batch, seq_len, hidden_size).
+
+        `state=` continues from a previous call's `result["state"]` (or `init_state`);
+        `training` is recorded (the mixer has no dropout, so it changes no math).
+        """
+        if not isinstance(training, bool):
+            raise TypeError(f"training must be a bool, received {type(training).__name__}")
+        h = self.config.hidden_size
+        x = self._array(inputs, "inputs", f"(batch, seq_len, hidden_size={h})", 3)
+        batch, length, _ = x.shape
+        st = None if state is None else self._state(state, batch)
+        scan_used = self._scan_used()
+        output, new_state = self.backend.forward(self.params, x, self.config, st, scan_used)
+        metrics = self._metrics(batch, length, scan_used)
+        self._calls += 1
+        self._last_metrics = metrics
+        return {
+            "output": output,
+            "metrics": metrics,
+            "processing_info": {
+                "module_type": "MambaModule",
+                "architecture": "Selective State Space Model (Mamba-1 mixer)",
+                "complexity_advantage": f"O(n) vs O(n²) for seq_len={length}",
+                "training_mode": training,
+                "backend": self.backend.name,
+                "use_flax": False,
+            },
+            "success": True,
+            "state": new_state,
+        }
+
+    def init_state(self, batch_size: int) -> MambaState:
+        """The zero state of a fresh sequence for `batch_size` sequences."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, received {batch_size!r}")
+        return init_state(
+            self.config, batch_size, dtype=self._dtype, xp=self.backend.xp, device=self._device
+        )
+
+    def step(self, x_t: Any, state: Any = None) -> tuple[Any, MambaState]:
+        """One decode step: x_t (batch, hidden_size) -> (y_t (batch, hidden_size), state)."""
+        h = self.config.hidden_size
+        x = self._array(x_t, "x_t", f"(batch, hidden_size={h})", 2)
+        st = self.init_state(x.shape[0]) if state is None else self._state(state, x.shape[0])
+        return self.backend.step(self.params, st, x, self.config)
+
+    def setup_tpu_optimizations(self) -> dict[str, Any]:
+        """Report (and log) what TPU-specific choices apply on this device.
+
+        On a TPU with `use_tpu_optimizations`, `scan_type="auto"` runs the associative scan;
+        nothing is claimed on other platforms.
+        """
+        platform = self.backend.platform(self._device)
+        scan_used = self._scan_used()
+        info = {
+            "platform": platform,
+            "tpu_available": platform == "tpu",
+            "use_tpu_optimizations": self.config.use_tpu_optimizations,
+            "scan_used": scan_used,
+            "tpu_optimized": bool(
+                self.backend.name == "jax" and platform == "tpu" and scan_used == "associative"
+            ),
+        }
+        self.logger.info("setup_tpu_optimizations: %s", info)
+        return info
+
+    def get_config(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def get_metrics(self) -> dict[str, Any]:
+        scan_used = self._scan_used()
+        return {
+            "module_type": "MambaModule",
+            "hidden_size": self.config.hidden_size,
+            "d_state": self.config.d_state,
+            "d_inner": self.config.d_inner,
+            "d_conv": self.config.d_conv,
+            "expand_factor": self.config.expand_factor,
+            "dt_rank": self.config.dt_rank,
+            "complexity": "O(log n)" if scan_used == "associative" else "O(n)",
+            "scan_type": self.config.scan_type,
+            "scan_used": scan_used,
+            "chunk_size": resolve_chunk(scan_used, self.config.chunk_size),
+            "tpu_optimizations": self.config.use_tpu_optimizations,
+            "mixed_precision": self.config.use_mixed_precision,
+            "jax_available": backend_installed("jax"),
+            "flax_available": _installed("flax"),
+            "torch_available": backend_installed("torch"),
+            "use_flax": False,
+            "backend": self.backend.name,
+            "requested_backend": self.resolution.requested,
+            "fallback_used": self.resolution.fallback_used,
+            "dtype": self.dtype,
+            "device": self.device,
+            "num_parameters": self.num_parameters(),
+            "calls": self._calls,
+        }
+
+    # ------------------------------------------------------------------ weights
+    def num_parameters(self) -> int:
+        return int(sum(int(np.prod(s)) for s in param_shapes(self.config).values()))
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The weights as NumPy arrays under the official / HuggingFace keys.
+
+        bfloat16 weights come back as float32 (NumPy has no bfloat16; the widening is exact).
+        """
+        return {name: to_numpy(value) for name, value in self.params.items()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Replace the weights; any array-likes, checked key by key and shape by shape."""
+        self.params = self._params_to_backend(check_state_dict(state_dict, self.config))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write `config.json` and `model.safetensors` (no pickle) into `directory`."""
+        save_file = _safetensors().save_file
+        os.makedirs(directory, exist_ok=True)
+        meta = {
+            "format": "mamba-core",
+            "format_version": FORMAT_VERSION,
+            "dtype": self.dtype,
+            "config": self.config.to_dict(),
+        }
+        with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as fh:
+            json.dump(meta, fh, indent=2, sort_keys=True)
+        tensors = {k: np.ascontiguousarray(v) for k, v in self.state_dict().items()}
+        save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "np"})
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, backend: str = "auto", dtype: Any = None, **kwargs
+    ) -> MambaModule:
+        """Load a `save_pretrained` directory on any backend (dtype defaults to the saved one)."""
+        config, saved_dtype, weights = load_pretrained(directory)
+        return cls(
+            config,
+            backend=backend,
+            dtype=saved_dtype if dtype is None else dtype,
+            state_dict=weights,
+            **kwargs,
+        )
+
+
+def load_pretrained(directory: str | os.PathLike) -> tuple[MambaConfig, str, dict[str, Any]]:
+    """(config, dtype name, NumPy weights) from a `save_pretrained` directory."""
+    load_file = _safetensors().load_file
+    cfg_path = os.path.join(directory, CONFIG_FILE)
+    weights_path = os.path.join(directory, WEIGHTS_FILE)
+    for path in (cfg_path, weights_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path!r} not found: a pretrained directory holds {CONFIG_FILE} and "
+                f"{WEIGHTS_FILE} (written by MambaModule.save_pretrained)"
+            )
+    with open(cfg_path, encoding="utf-8") as fh:
+        meta = json.load(fh)
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise ValueError(f"{cfg_path!r} is not a mamba-core config (no 'config' entry)")
+    config = MambaConfig.from_dict(meta["config"])
+    return config, meta.get("dtype", "float32"), load_file(weights_path)
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _safetensors():
+    try:
+        import safetensors.numpy as st
+    except ImportError:
+        raise ImportError(
+            "saving and loading weights needs the 'safetensors' package: "
+            "pip install 'mamba-core[io]'"
+        ) from None
+    return st
+
+
+_MODULE_OPTIONS = ("backend", "dtype", "seed", "allow_fallback", "device", "state_dict")
+
+#: The modular-model registry: name -> module class.
+available_modules: dict[str, type[IModule]] = {"mamba": MambaModule}
+
+
+def create_module(name: str, config: Mapping[str, Any] | None = None, /, **kwargs: Any) -> IModule:
+    """Build a registered module: `create_module("mamba", hidden_size=256, backend="numpy")`.
+
+    Keyword arguments that are `MambaModule` options (backend, dtype, seed, allow_fallback,
+    device, state_dict) go to the constructor, the others are config fields.
+    """
+    try:
+        cls = available_modules[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown module {name!r}: expected one of {sorted(available_modules)}"
+        ) from None
+    options = {k: kwargs.pop(k) for k in _MODULE_OPTIONS if k in kwargs}
+    merged = {**(dict(config) if config is not None else {}), **kwargs}
+    return cls(merged, **options)

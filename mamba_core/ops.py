@@ -1,0 +1,131 @@
+"""Elementwise and small building blocks of the Mamba mixer, in pure Array API.
+
+Glossary: B batch, L length, H hidden_size, E = expand_factor*H, N d_state, R dt_rank,
+K d_conv.  Every function takes arrays first and `xp=None` keyword-only; the namespace is
+found from the inputs (`array_api_compat.array_namespace`), so the result is an array of the
+caller's library on the caller's device.  Only standard calls are used (the core runs on
+`array_api_strict`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from array_api_compat import array_namespace
+from array_api_compat import device as _device
+
+__all__ = [
+    "activation_fn",
+    "causal_conv1d",
+    "gelu_tanh",
+    "is_half",
+    "linear",
+    "relu",
+    "silu",
+    "softplus",
+]
+
+Array = Any
+
+
+def _ns(xp, *arrays):
+    return xp if xp is not None else array_namespace(*arrays)
+
+
+def is_half(dtype, *, xp) -> bool:
+    """True for 16-bit floating dtypes (float16, bfloat16)."""
+    return xp.finfo(dtype).bits < 32
+
+
+def softplus(x: Array, *, xp=None) -> Array:
+    """log(1 + exp(x)), computed without overflow: max(x, 0) + log1p(exp(-|x|))."""
+    xp = _ns(xp, x)
+    return xp.maximum(x, xp.zeros_like(x)) + xp.log1p(xp.exp(-xp.abs(x)))
+
+
+def silu(x: Array, *, xp=None) -> Array:
+    """SiLU / swish: x * sigmoid(x) = x / (1 + exp(-x))."""
+    xp = _ns(xp, x)
+    return x / (1.0 + xp.exp(-x))
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh(x: Array, *, xp=None) -> Array:
+    """GELU, tanh approximation (`jax.nn.gelu` default, `F.gelu(approximate="tanh")`).
+
+    The exact erf form is not expressible in the Array API standard (it has no erf).
+    """
+    xp = _ns(xp, x)
+    return 0.5 * x * (1.0 + xp.tanh(_GELU_C * (x + 0.044715 * (x * x * x))))
+
+
+def relu(x: Array, *, xp=None) -> Array:
+    """max(x, 0); NaN stays NaN."""
+    xp = _ns(xp, x)
+    return xp.maximum(x, xp.zeros_like(x))
+
+
+_ACTIVATIONS: dict[str, Callable[..., Array]] = {
+    "swish": silu,
+    "silu": silu,
+    "gelu": gelu_tanh,
+    "relu": relu,
+}
+
+
+def activation_fn(name: str) -> Callable[..., Array]:
+    """The activation called `name` (see `mamba_core.config.ACTIVATIONS`)."""
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"activation={name!r} is invalid: expected one of {sorted(_ACTIVATIONS)}"
+        ) from None
+
+
+def linear(x: Array, weight: Array, bias: Array | None = None, *, xp=None) -> Array:
+    """x @ weight.T (+ bias), PyTorch `nn.Linear` layout: weight (out, in), x (..., in)."""
+    xp = _ns(xp, x, weight)
+    y = xp.matmul(x, weight.mT)
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def causal_conv1d(
+    x: Array,
+    weight: Array,
+    bias: Array | None = None,
+    conv_state: Array | None = None,
+    *,
+    xp=None,
+) -> tuple[Array, Array]:
+    """Causal depthwise 1-D convolution along L, as `nn.Conv1d(E, E, K, groups=E,
+    padding=K-1)` followed by keeping the first L outputs.
+
+    x (B, L, E); weight (E, 1, K); bias (E,) or None; conv_state (B, E, K) or None (zeros):
+    the last K inputs seen before `x`, oldest first (the HuggingFace / official cache
+    layout; only the newest K-1 of them reach the output).
+
+    Returns out (B, L, E) and the new conv state (B, E, K): the last K inputs, oldest first.
+    """
+    xp = _ns(xp, x, weight)
+    batch, length, channels = x.shape
+    k = weight.shape[-1]
+    if conv_state is None:
+        past = xp.zeros((batch, k - 1, channels), dtype=x.dtype, device=_device(x))
+    else:
+        past = xp.permute_dims(conv_state[:, :, 1:], (0, 2, 1))
+    xpad = xp.concat([past, x], axis=1)  # (B, L+K-1, E)
+    w = weight[:, 0, :]  # (E, K)
+    out = xpad[:, 0:length, :] * w[:, 0]
+    for j in range(1, k):
+        out = out + xpad[:, j : j + length, :] * w[:, j]
+    if bias is not None:
+        out = out + bias
+    new_state = xp.permute_dims(xpad[:, length - 1 :, :], (0, 2, 1))  # (B, E, K)
+    return out, new_state

@@ -1,0 +1,69 @@
+"""An independent float64 reference of the Mamba-1 mixer, written plainly from the equations
+in DESIGN.md: one token at a time, its own conv buffer, einsum contractions, `logaddexp` for
+softplus.  It shares no code with `mamba_core`; the tests check the library against it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _act(name):
+    if name in ("swish", "silu"):
+        return lambda v: v / (1.0 + np.exp(-v))
+    if name == "gelu":  # tanh approximation, as jax.nn.gelu's default
+        c = math.sqrt(2.0 / math.pi)
+        return lambda v: 0.5 * v * (1.0 + np.tanh(c * (v + 0.044715 * v**3)))
+    if name == "relu":
+        return lambda v: np.where(v > 0, v, 0.0)
+    raise ValueError(name)
+
+
+def reference_forward(params, x, config, state=None):
+    """params: official-name dict; x (B, L, H).  Returns out (B, L, H), (conv (B,E,K), h (B,E,N))."""
+    p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    x = np.asarray(x, dtype=np.float64)
+    batch, length, _ = x.shape
+    e, n, r, k = config.d_inner, config.d_state, config.dt_rank, config.d_conv
+    act = _act(config.activation)
+    if state is None:
+        window = np.zeros((batch, k, e))  # the last K conv inputs, oldest first
+        h = np.zeros((batch, e, n))
+    else:
+        window = np.transpose(np.asarray(state[0], np.float64), (0, 2, 1)).copy()
+        h = np.asarray(state[1], np.float64).copy()
+    a = -np.exp(p["A_log"])
+    outs = []
+    for t in range(length):
+        xz = x[:, t] @ p["in_proj.weight"].T
+        if config.use_bias:
+            xz = xz + p["in_proj.bias"]
+        x_in, z = xz[:, :e], xz[:, e:]
+        window = np.concatenate([window[:, 1:], x_in[:, None, :]], axis=1)
+        conv = np.einsum("bke,ek->be", window, p["conv1d.weight"][:, 0, :])
+        if config.use_conv_bias:
+            conv = conv + p["conv1d.bias"]
+        u = act(conv)
+        x_dbl = u @ p["x_proj.weight"].T
+        dt_low, b_t, c_t = x_dbl[:, :r], x_dbl[:, r : r + n], x_dbl[:, r + n :]
+        dt = np.logaddexp(0.0, dt_low @ p["dt_proj.weight"].T + p["dt_proj.bias"])
+        h = np.exp(dt[:, :, None] * a) * h + (dt * u)[:, :, None] * b_t[:, None, :]
+        y = np.einsum("ben,bn->be", h, c_t) + p["D"] * u
+        y = y * act(z)
+        out = y @ p["out_proj.weight"].T
+        if config.use_bias:
+            out = out + p["out_proj.bias"]
+        outs.append(out)
+    return np.stack(outs, axis=1), (np.transpose(window, (0, 2, 1)), h)
+
+
+def reference_scan(u, dt, A, Bm, Cm, h0):
+    """The bare selective scan, one step at a time in float64: y (B,L,E), h (B,E,N)."""
+    u, dt, A, Bm, Cm, h = (np.asarray(v, np.float64) for v in (u, dt, A, Bm, Cm, h0))
+    ys = []
+    for t in range(u.shape[1]):
+        h = np.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[:, :, None] * Bm[:, t, None, :]
+        ys.append(np.einsum("ben,bn->be", h, Cm[:, t]))
+    return np.stack(ys, axis=1), h
