@@ -36,14 +36,14 @@ BACKENDS = ["numpy", "jax", "torch"]
 NAMESPACES = ["array_api_strict", "numpy", "jax", "torch"]
 
 
-def require(name: str) -> None:
+def require(name: str, *, module_level: bool = False) -> None:
     """Skip (or, with MAMBA_CORE_REQUIRE_BACKENDS, fail) when `name` is not installed."""
     module = FRAMEWORK.get(name, name)
     if importlib.util.find_spec(module) is None:
         message = f"{module} is not installed"
         if REQUIRE_BACKENDS:
             pytest.fail(f"{message} and MAMBA_CORE_REQUIRE_BACKENDS is set", pytrace=False)
-        pytest.skip(message)
+        pytest.skip(message, allow_module_level=module_level)
 
 
 if importlib.util.find_spec("jax") is not None:

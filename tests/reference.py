@@ -10,30 +10,34 @@ import math
 import numpy as np
 
 
-def _act(name):
+def _act(name, lib=np):
     if name in ("swish", "silu"):
-        return lambda v: v / (1.0 + np.exp(-v))
+        return lambda v: v / (1.0 + lib.exp(-v))
     if name == "gelu":  # tanh approximation, as jax.nn.gelu's default
         c = math.sqrt(2.0 / math.pi)
-        return lambda v: 0.5 * v * (1.0 + np.tanh(c * (v + 0.044715 * v**3)))
+        return lambda v: 0.5 * v * (1.0 + lib.tanh(c * (v + 0.044715 * v**3)))
     if name == "relu":
-        return lambda v: np.where(v > 0, v, 0.0)
+        return lambda v: lib.where(v > 0, v, 0.0)
     raise ValueError(name)
 
 
-def reference_forward(params, x, config, state=None):
-    """params: official-name dict; x (B, L, H).  Returns out (B, L, H), (conv (B,E,K), h (B,E,N))."""
+def reference_forward(params, x, config, state=None, lib=np):
+    """params: official-name dict; x (B, L, H).  Returns out (B, L, H), (conv (B,E,K), h (B,E,N)).
+
+    `lib` is NumPy, or `jax.numpy` (float64) to differentiate the reference with `jax.grad`.
+    """
+    np = lib  # the same plain code on either library
     p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
     x = np.asarray(x, dtype=np.float64)
     batch, length, _ = x.shape
     e, n, r, k = config.d_inner, config.d_state, config.dt_rank, config.d_conv
-    act = _act(config.activation)
+    act = _act(config.activation, lib)
     if state is None:
         window = np.zeros((batch, k, e))  # the last K conv inputs, oldest first
         h = np.zeros((batch, e, n))
     else:
-        window = np.transpose(np.asarray(state[0], np.float64), (0, 2, 1)).copy()
-        h = np.asarray(state[1], np.float64).copy()
+        window = np.transpose(np.asarray(state[0], np.float64), (0, 2, 1))
+        h = np.asarray(state[1], np.float64)
     a = -np.exp(p["A_log"])
     outs = []
     for t in range(length):

@@ -1,0 +1,151 @@
+"""`MambaFlax`: the Mamba mixer as a Flax NNX module, parameters under the official names.
+
+    from flax import nnx
+    from mamba_core.backends.flax import MambaFlax
+    model = MambaFlax(MambaConfig(hidden_size=256, d_state=16), rngs=nnx.Rngs(0))
+    y = model(x)                                   # x (B, L, H) -> y (B, L, H)
+    nnx.state(model, nnx.Param)                    # in_proj.weight, conv1d.weight, ..., A_log, D
+
+The computation is the JAX backend's `forward` / `step` (jit-compiled, chunked scans), so a
+`MambaFlax` and a `MambaModule(backend="jax")` with the same weights give the same numbers.
+Parameter paths join to the official / HuggingFace state-dict keys: `in_proj.weight`,
+`conv1d.weight` (E, 1, K), `conv1d.bias`, `x_proj.weight`, `dt_proj.weight`, `dt_proj.bias`,
+`A_log`, `D`, `out_proj.weight` (+ `in_proj.bias`, `out_proj.bias` with `use_bias`).
+
+A Flax Linen model can hold one through the NNX bridge:
+`nnx.bridge.to_linen(MambaFlax, config, seed=0)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mamba_core.config import MambaConfig, resolve_config
+from mamba_core.mixer import MambaState, init_state
+from mamba_core.params import check_state_dict, init_params, to_numpy
+
+from .jax import forward, step
+
+__all__ = ["MambaFlax"]
+
+
+class _Params(nnx.Module):
+    """A holder whose attributes are the parameters of one official submodule."""
+
+    def __init__(self, **arrays: Any) -> None:
+        for name, value in arrays.items():
+            setattr(self, name, nnx.Param(value))
+
+
+_SUBMODULES = ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj")
+
+
+class MambaFlax(nnx.Module):
+    """One Mamba mixer as a Flax NNX module.
+
+    Args:
+        config: a `MambaConfig`, a dict of its fields or None.
+        rngs: `nnx.Rngs`; its `params` stream draws the initialisation seed (construct the
+            module eagerly, not under `jit`/`eval_shape`: the official init runs in NumPy).
+        seed: an explicit seed instead of `rngs`; the same seed gives the same weights as
+            `MambaModule(config, seed=seed)` on every backend.
+        dtype: compute dtype (None: the input's); param_dtype: storage dtype of the weights.
+        scan_type: overrides `config.scan_type` ("auto" runs `linear`).
+    """
+
+    def __init__(
+        self,
+        config: MambaConfig | Mapping[str, Any] | None = None,
+        *,
+        rngs: nnx.Rngs | None = None,
+        seed: int | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        scan_type: str | None = None,
+    ) -> None:
+        self.config = resolve_config(config)
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.scan_type = scan_type
+        if seed is None:
+            if rngs is None:
+                raise TypeError("MambaFlax needs rngs=nnx.Rngs(...) or seed=<int>")
+            seed = int(jax.random.randint(rngs.params(), (), 0, 2**31 - 1))
+        self._assign(init_params(self.config, seed))
+
+    def _assign(self, weights: Mapping[str, np.ndarray]) -> None:
+        groups: dict[str, dict[str, Any]] = {name: {} for name in _SUBMODULES}
+        for key, value in weights.items():
+            arr = jnp.asarray(value, dtype=self.param_dtype)
+            owner, _, leaf = key.partition(".")
+            if leaf:
+                groups[owner][leaf] = arr
+            else:
+                setattr(self, key, nnx.Param(arr))
+        for owner, arrays in groups.items():
+            setattr(self, owner, _Params(**arrays))
+
+    # ---------------------------------------------------------------- weights
+    def params_dict(self) -> dict[str, jax.Array]:
+        """{official name: array}: the pytree the functional API takes."""
+        flat = nnx.to_flat_state(nnx.state(self, nnx.Param))
+        return {".".join(map(str, path)): var.get_value() for path, var in flat}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {k: to_numpy(v) for k, v in self.params_dict().items()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Replace the weights (any array-likes under the official names, checked)."""
+        self._assign(check_state_dict(state_dict, self.config))
+
+    @classmethod
+    def from_state_dict(cls, config, state_dict: Mapping[str, Any], **kwargs) -> MambaFlax:
+        module = cls(config, seed=0, **kwargs)
+        module.load_state_dict(state_dict)
+        return module
+
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs) -> MambaFlax:
+        """Load a `MambaModule.save_pretrained` directory (config.json + model.safetensors)."""
+        from mamba_core.module import load_pretrained
+
+        config, _, weights = load_pretrained(directory)
+        return cls.from_state_dict(config, weights, **kwargs)
+
+    # ---------------------------------------------------------------- compute
+    def _input(self, x, ndim: int, what: str):
+        x = jnp.asarray(x)
+        h = self.config.hidden_size
+        if x.ndim != ndim or x.shape[-1] != h:
+            doc = "(batch, seq_len, hidden_size)" if ndim == 3 else "(batch, hidden_size)"
+            raise ValueError(
+                f"MambaFlax expected {what} of shape {doc} with hidden_size={h}; received "
+                f"{what}.shape={tuple(x.shape)}"
+            )
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"MambaFlax expected a floating {what}, received {x.dtype}")
+        return x if self.dtype is None else x.astype(self.dtype)
+
+    def __call__(self, x, state: MambaState | None = None, *, return_state: bool = False):
+        """x (B, L, H) -> y (B, L, H) (and the state after the last token, `return_state`)."""
+        x = self._input(x, 3, "x")
+        y, new_state = forward(self.params_dict(), x, self.config, state, scan_type=self.scan_type)
+        return (y, new_state) if return_state else y
+
+    def step(self, x_t, state: MambaState | None = None):
+        """One decode step: x_t (B, H) -> (y_t (B, H), new state)."""
+        x_t = self._input(x_t, 2, "x_t")
+        if state is None:
+            state = self.init_state(x_t.shape[0], dtype=x_t.dtype)
+        return step(self.params_dict(), state, x_t, self.config)
+
+    def init_state(self, batch_size: int, *, dtype: Any = None) -> MambaState:
+        return init_state(
+            self.config, batch_size, dtype=dtype or self.dtype or self.param_dtype, xp=jnp
+        )

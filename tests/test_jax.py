@@ -1,0 +1,186 @@
+"""JAX specifics: compile once, the functional API under jit/grad/vmap, gradients, precision."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import require, small_config
+from tests.reference import reference_forward
+from tests.tolerances import assert_close, rel_error
+
+require("jax", module_level=True)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from mamba_core import MambaModule, init_params  # noqa: E402
+from mamba_core.backends import jax as mj  # noqa: E402
+
+SCANS = ["linear", "associative", "cumulative"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def jparams(cfg, seed=0, dtype=jnp.float64):
+    return {k: jnp.asarray(v, dtype=dtype) for k, v in init_params(cfg, seed).items()}
+
+
+def test_second_call_does_not_recompile(rng):
+    cfg = small_config(hidden_size=24)  # a shape no other test compiles
+    module = MambaModule(cfg, backend="jax")
+    x = rng.standard_normal((2, 9, 24))
+    before = mj.trace_count("forward")
+    first = module(x)["metrics"]
+    assert mj.trace_count("forward") == before + 1
+    assert first["compiled_now"] is True and first["compile_time_s"] > 0
+    second = module(x + 1.0)["metrics"]
+    assert mj.trace_count("forward") == before + 1, "the second call recompiled"
+    assert second["compiled_now"] is False and second["compile_time_s"] == 0.0
+    module(rng.standard_normal((2, 10, 24)))  # a new length is a new program
+    assert mj.trace_count("forward") == before + 2
+    steps = mj.trace_count("step")
+    state = module.init_state(2)
+    for t in range(3):
+        _, state = module.step(x[:, t], state)
+    assert mj.trace_count("step") == steps + 1
+
+
+def test_functional_api_under_jit_grad_and_vmap(rng):
+    cfg = small_config()
+    params = jparams(cfg, 3)
+    x = jnp.asarray(rng.standard_normal((2, 11, cfg.hidden_size)))
+    y, state = mj.forward(params, x, cfg)
+    expected, _ = reference_forward(init_params(cfg, 3), np.asarray(x), cfg)
+    assert_close(y, expected, "float64")
+    # under the caller's own jit, the config closed over
+    y_jit = jax.jit(lambda p, v: mj.forward(p, v, cfg)[0])(params, x)
+    assert_close(y_jit, expected, "float64")
+    # vmap over an extra leading axis
+    xs = jnp.stack([x, 2 * x, -x])
+    ys = jax.vmap(lambda v: mj.forward(params, v, cfg)[0])(xs)
+    for i, v in enumerate(xs):
+        assert_close(ys[i], mj.forward(params, v, cfg)[0], "float64")
+    # grad with respect to params and inputs
+    g_p, g_x = jax.grad(lambda p, v: jnp.sum(mj.forward(p, v, cfg)[0] ** 2), argnums=(0, 1))(
+        params, x
+    )
+    assert set(g_p) == set(params)
+    assert all(bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0 for g in g_p.values())
+    assert g_x.shape == x.shape
+    # step is a jittable pure function too
+    y_t, _ = jax.jit(lambda p, s, v: mj.step(p, s, v, cfg))(params, state, x[:, 0])
+    assert y_t.shape == (2, cfg.hidden_size)
+
+
+@pytest.mark.parametrize("scan", SCANS)
+def test_gradients_match_finite_differences(scan, rng):
+    cfg = small_config(scan_type=scan, chunk_size=4)
+    params = jparams(cfg, 5)
+    x = jnp.asarray(rng.standard_normal((2, 9, cfg.hidden_size)))
+    weights = jnp.asarray(rng.standard_normal((2, 9, cfg.hidden_size)))
+
+    def loss(p, v):
+        return jnp.sum(jnp.tanh(mj.forward(p, v, cfg)[0]) * weights)
+
+    g_p, g_x = jax.grad(loss, argnums=(0, 1))(params, x)
+    eps = 1e-6
+    for name in ("A_log", "dt_proj.bias", "x_proj.weight", "conv1d.weight", "in_proj.weight"):
+        direction = jnp.asarray(rng.standard_normal(params[name].shape))
+        plus = {**params, name: params[name] + eps * direction}
+        minus = {**params, name: params[name] - eps * direction}
+        numeric = (loss(plus, x) - loss(minus, x)) / (2 * eps)
+        analytic = jnp.sum(g_p[name] * direction)
+        assert abs(float(numeric - analytic)) <= 1e-6 * max(1.0, abs(float(analytic))), name
+    direction = jnp.asarray(rng.standard_normal(x.shape))
+    numeric = (loss(params, x + eps * direction) - loss(params, x - eps * direction)) / (2 * eps)
+    analytic = jnp.sum(g_x * direction)
+    assert abs(float(numeric - analytic)) <= 1e-6 * max(1.0, abs(float(analytic)))
+
+
+@pytest.mark.parametrize("scan", SCANS)
+def test_gradients_match_the_reference_gradients(scan, rng):
+    """jax.grad through the library equals jax.grad through the plain per-token reference."""
+    cfg = small_config(scan_type=scan, chunk_size=4, use_bias=True)
+    params = jparams(cfg, 6)
+    x = jnp.asarray(rng.standard_normal((2, 10, cfg.hidden_size)))
+
+    def lib_loss(p, v):
+        return jnp.sum(jnp.sin(mj.forward(p, v, cfg)[0]))
+
+    def ref_loss(p, v):
+        return jnp.sum(jnp.sin(reference_forward(p, v, cfg, lib=jnp)[0]))
+
+    got = jax.grad(lib_loss, argnums=(0, 1))(params, x)
+    want = jax.grad(ref_loss, argnums=(0, 1))(params, x)
+    for name in params:
+        assert_close(got[0][name], want[0][name], "float64", factor=10)
+    assert_close(got[1], want[1], "float64", factor=10)
+
+
+def test_the_adapter_is_differentiable(rng):
+    cfg = small_config()
+    module = MambaModule(cfg, backend="jax", dtype="float64", seed=2)
+    x = jnp.asarray(rng.standard_normal((2, 7, cfg.hidden_size)))
+    g = jax.grad(lambda v: module(v)["output"].sum())(x)
+    params = jparams(cfg, 2)
+    want = jax.grad(lambda v: mj.forward(params, v, cfg)[0].sum())(x)
+    assert_close(g, want, "float64")
+
+
+def test_bfloat16_runs_the_scan_in_float32(rng):
+    cfg = small_config()
+    x = rng.standard_normal((2, 40, cfg.hidden_size))
+    p32 = jparams(cfg, 1, jnp.float32)
+    p16 = jparams(cfg, 1, jnp.bfloat16)
+    y32, _ = mj.forward(p32, jnp.asarray(x, jnp.float32), cfg)
+    y16, s16 = mj.forward(p16, jnp.asarray(x, jnp.bfloat16), cfg)
+    assert y16.dtype == jnp.bfloat16 and s16.ssm_state.dtype == jnp.float32
+    assert rel_error(y16, y32) <= 4e-2
+    pure = cfg.replace(use_mixed_precision=False)
+    y_pure, s_pure = mj.forward(p16, jnp.asarray(x, jnp.bfloat16), pure)
+    assert s_pure.ssm_state.dtype == jnp.bfloat16
+    assert bool(jnp.all(jnp.isfinite(y_pure.astype(jnp.float32))))
+
+
+def test_metrics_and_auto_rule_per_platform():
+    cfg = small_config()
+    backend = mj.get_backend()
+    assert backend.auto_scan("cpu", cfg) == "linear"
+    assert backend.auto_scan("tpu", cfg) == "associative"
+    assert backend.auto_scan("tpu", cfg.replace(use_tpu_optimizations=False)) == "linear"
+    module = MambaModule(cfg, backend="jax", device="cpu")
+    m = module(np.ones((1, 2, 16)))["metrics"]
+    assert m["platform"] == "cpu" and m["tpu_optimized"] is False and m["scan_used"] == "linear"
+    with pytest.raises(ValueError, match="invalid for the jax backend"):
+        MambaModule(cfg, backend="jax", device="tpu")
+
+
+def test_without_x64_float64_is_a_clear_error():
+    code = (
+        "import json, numpy as np, jax\n"
+        "from mamba_core import MambaModule\n"
+        "m = MambaModule({'hidden_size': 8, 'd_state': 4}, backend='jax')\n"
+        "out = m(np.random.randn(1, 3, 8))['output']\n"
+        "try:\n"
+        "    MambaModule({'hidden_size': 8}, backend='jax', dtype='float64'); err = None\n"
+        "except ValueError as exc:\n"
+        "    err = str(exc)\n"
+        "print(json.dumps({'dtype': str(out.dtype), 'err': err}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={k: v for k, v in __import__("os").environ.items() if k != "JAX_ENABLE_X64"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["dtype"] == "float32"
+    assert "jax_enable_x64" in out["err"]
