@@ -144,9 +144,14 @@ def make_scan(algorithm: str, chunk_size="auto", *, compile_scan: bool = False):
     return scan
 
 
-@functools.lru_cache(maxsize=64)
+_SCANS: dict[tuple[str, Any, bool], Any] = {}
+
+
 def _scan_for(algorithm: str, chunk_size, compile_scan: bool):
-    return make_scan(algorithm, chunk_size, compile_scan=compile_scan)
+    key = (algorithm, chunk_size, compile_scan)
+    if key not in _SCANS:
+        _SCANS[key] = make_scan(algorithm, chunk_size, compile_scan=compile_scan)
+    return _SCANS[key]
 
 
 def _resolve_scan(config: MambaConfig, scan_type: str | None, device: torch.device) -> str:
