@@ -35,7 +35,7 @@ from mamba_core.config import MambaConfig
 from mamba_core.mixer import MambaState, mixer_forward, mixer_step
 from mamba_core.params import to_numpy
 from mamba_core.registry import Backend
-from mamba_core.scan import chunk_cumulative, resolve_chunk
+from mamba_core.scan import chunk_cumulative
 
 __all__ = [
     "SCANS",
@@ -92,13 +92,22 @@ _CHUNK_BODIES = {
 }
 
 
+#: chunk length per algorithm when the config says "auto": XLA fuses a whole chunk, and
+#: `lax.associative_scan` wants long chunks to have parallel work (the TPU path)
+JAX_CHUNK = {"linear": 64, "associative": 64, "cumulative": 4}
+
+
+def chunk_length(algorithm: str, chunk_size: int | str = "auto") -> int:
+    return JAX_CHUNK[algorithm] if chunk_size == "auto" else int(chunk_size)
+
+
 def chunked_scan(algorithm: str, chunk_size: int | str = "auto"):
     """A `scan(u, dt, A, Bm, Cm, h0) -> (y, h)` running `algorithm` chunk by chunk."""
     body_fn = _CHUNK_BODIES[algorithm]
 
     def scan(u, dt, A, Bm, Cm, h0):
         batch, length, channels = u.shape
-        size = min(resolve_chunk(algorithm, chunk_size), length)
+        size = min(chunk_length(algorithm, chunk_size), length)
         chunks = math.ceil(length / size)
         pad = chunks * size - length
 
@@ -329,6 +338,9 @@ class JaxBackend(Backend):
         if platform == "gpu":
             return "associative"
         return "linear"
+
+    def chunk_size(self, algorithm: str, config: MambaConfig, platform: str) -> int:
+        return chunk_length(algorithm, config.chunk_size)
 
     def _timed(self, kind: str, fn, *args, **kwargs):
         before = _TRACES[kind]

@@ -25,8 +25,10 @@ from mamba_core.registry import Backend
 
 __all__ = ["NumpyBackend", "get_backend", "num_threads", "scan_linear"]
 
-# Below this many state elements per step, threads cost more than they save.
-_MIN_PARALLEL_STATE = 1 << 15
+# Below this much work (B*L*E*N state updates), threads cost more than they save (waking
+# them and handing the GIL around costs tens of microseconds; a batch-1 decode step is
+# about that much work in all).
+_MIN_PARALLEL_WORK = 1 << 19
 # Never split a batch row into channel blocks narrower than this.
 _MIN_BLOCK_CHANNELS = 64
 
@@ -60,11 +62,19 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return _POOL
 
 
-def _blocks(batch: int, channels: int, threads: int) -> list[tuple[int, int, int]]:
-    """(b, e0, e1) slices covering the batch, about `threads` of them or more."""
+def _blocks(batch: int, channels: int, threads: int) -> list[tuple[int, int, int, int]]:
+    """(b0, b1, e0, e1) slices covering (batch, channels): `threads` of them when possible,
+    whole batch rows first, channel blocks when there are fewer rows than threads."""
+    if threads <= 1:
+        return [(0, batch, 0, channels)]
+    if batch >= threads:
+        edges = np.linspace(0, batch, threads + 1).astype(int)
+        return [(int(edges[i]), int(edges[i + 1]), 0, channels) for i in range(threads)]
     per_row = max(1, min(-(-threads // batch), channels // _MIN_BLOCK_CHANNELS))
     edges = np.linspace(0, channels, per_row + 1).astype(int)
-    return [(b, int(edges[i]), int(edges[i + 1])) for b in range(batch) for i in range(per_row)]
+    return [
+        (b, b + 1, int(edges[i]), int(edges[i + 1])) for b in range(batch) for i in range(per_row)
+    ]
 
 
 def scan_linear(u, dt, A, Bm, Cm, h0, *, threads: int | None = None):
@@ -75,33 +85,38 @@ def scan_linear(u, dt, A, Bm, Cm, h0, *, threads: int | None = None):
     """
     batch, length, channels = u.shape
     dtype = u.dtype
-    du = dt * u
-    y = np.empty((batch, length, channels), dtype=dtype)
+    du = (dt * u)[..., None]  # (B, L, E, 1)
+    dt_col = dt[..., None]  # (B, L, E, 1)
+    b_row = Bm[:, :, None, :]  # (B, L, 1, N)
+    c_col = Cm[..., None]  # (B, L, N, 1)
+    y = np.empty((batch, length, channels, 1), dtype=dtype)
     h = np.array(h0, dtype=dtype, copy=True, order="C")
     a_mat = np.ascontiguousarray(A, dtype=dtype)
 
-    def run(b: int, e0: int, e1: int) -> None:
-        hb = h[b, e0:e1]
+    def run(b0: int, b1: int, e0: int, e1: int) -> None:
+        hb = h[b0:b1, e0:e1]
         ab = a_mat[e0:e1]
         buf = np.empty_like(hb)
-        dtb, dub, bb, cb, yb = dt[b, :, e0:e1], du[b, :, e0:e1], Bm[b], Cm[b], y[b, :, e0:e1]
+        dtb, dub, bb, cb = dt_col[b0:b1, :, e0:e1], du[b0:b1, :, e0:e1], b_row[b0:b1], c_col[b0:b1]
+        yb = y[b0:b1, :, e0:e1]
         for t in range(length):
-            np.multiply(dtb[t, :, None], ab, out=buf)
+            np.multiply(dtb[:, t], ab, out=buf)
             np.exp(buf, out=buf)  # exp(dt*A): exponent <= 0
             np.multiply(hb, buf, out=hb)
-            np.multiply(dub[t, :, None], bb[t], out=buf)
+            np.multiply(dub[:, t], bb[:, t], out=buf)
             np.add(hb, buf, out=hb)
-            np.matmul(hb, cb[t], out=yb[t])
+            np.matmul(hb, cb[:, t], out=yb[:, t])
 
     workers = threads if threads is not None else num_threads()
-    if workers <= 1 or batch * channels * A.shape[1] < _MIN_PARALLEL_STATE:
-        for b in range(batch):
-            run(b, 0, channels)
+    if batch * length * channels * A.shape[1] < _MIN_PARALLEL_WORK:
+        workers = 1
+    blocks = _blocks(batch, channels, workers)
+    if len(blocks) == 1:
+        run(*blocks[0])
     else:
-        futures = [_pool(workers).submit(run, *blk) for blk in _blocks(batch, channels, workers)]
-        for future in futures:
+        for future in [_pool(workers).submit(run, *blk) for blk in blocks]:
             future.result()
-    return y, h
+    return y[..., 0], h
 
 
 class NumpyBackend(Backend):
@@ -133,8 +148,8 @@ class NumpyBackend(Backend):
             params, x, config, state, scan=self.scan_fn(scan_type, config), xp=self.xp
         )
 
-    def step(self, params, state: MambaState, x_t, config: MambaConfig):
-        return mixer_step(params, state, x_t, config, xp=self.xp)
+    def step(self, prepared, state: MambaState, x_t, config: MambaConfig):
+        return mixer_step(prepared, state, x_t, config, scan=scan_linear, xp=self.xp)
 
 
 _BACKEND = NumpyBackend()

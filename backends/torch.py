@@ -46,6 +46,8 @@ Array = torch.Tensor
 #: chunk length per algorithm where the config says "auto"; CUDA takes longer
 #: `cumulative` chunks (fewer kernel launches; its (T, T) decay blocks are cheap there).
 _CUDA_CHUNK = {**DEFAULT_CHUNK, "cumulative": 16}
+#: the in-place CPU loop precomputes the decays of this many steps at once (cache-sized)
+_INPLACE_CHUNK = 8
 
 
 def _chunk(algorithm: str, chunk_size, device: torch.device) -> int:
@@ -63,30 +65,82 @@ def _linear_inplace(u, dt, A, Bm, Cm, h0, size: int):
     y = torch.empty((batch, length, channels), dtype=u.dtype, device=u.device)
     size = min(size, length)
     d_a = torch.empty((batch, size, channels, n), dtype=u.dtype, device=u.device)
-    d_bu = torch.empty_like(d_a)
-    du = dt * u
+    du = (dt * u)[..., None]  # (B, L, E, 1)
+    b_row = Bm[:, :, None, :]  # (B, L, 1, N)
+    c_col = Cm[..., None]  # (B, L, N, 1)
     for start in range(0, length, size):
         stop = min(start + size, length)
         m = stop - start
         torch.mul(dt[:, start:stop, :, None], A, out=d_a[:, :m])
         d_a[:, :m].exp_()  # exp(dt*A): exponent <= 0
-        torch.mul(du[:, start:stop, :, None], Bm[:, start:stop, None, :], out=d_bu[:, :m])
-        for t in range(m):
-            h.mul_(d_a[:, t]).add_(d_bu[:, t])
-            torch.matmul(h, Cm[:, start + t, :, None], out=y[:, start + t, :, None])
+        for t in range(start, stop):
+            h.mul_(d_a[:, t - start]).addcmul_(du[:, t], b_row[:, t])
+            torch.matmul(h, c_col[:, t], out=y[:, t, :, None])
     return y, h
 
 
-def _linear_chunk(h, dt, u, Bm, Cm, A):
-    """One chunk, out of place (differentiable): h (B,E,N); dt, u (B,T,E); Bm, Cm (B,T,N)."""
-    d_a = torch.exp(dt[..., None] * A)
-    d_bu = (dt * u)[..., None] * Bm[:, :, None, :]
-    states = []
-    for t in range(dt.shape[1]):
-        h = torch.addcmul(d_bu[:, t], d_a[:, t], h)
-        states.append(h)
-    y = torch.matmul(torch.stack(states, dim=1), Cm[..., None])[..., 0]
-    return y, h
+#: steps between the states `_LinearScan` keeps for its backward pass
+_BACKWARD_CHUNK = 32
+
+
+class _LinearScan(torch.autograd.Function):
+    """The linear scan with a hand-written backward pass (the official kernel's scheme).
+
+    Forward: the in-place loop, keeping only the state at every `_BACKWARD_CHUNK`-th step.
+    Backward, chunk by chunk from the end: recompute the chunk's states from its saved
+    start, then run the adjoint recurrence backwards,
+        G_t = dy_t (x) C_t + exp(dt_{t+1} A) * G_{t+1}          (G_t = dLoss/dh_t)
+    and read every gradient off G and the states.  Memory: O(L/T * B*E*N + B*T*E*N).
+    """
+
+    @staticmethod
+    def forward(ctx, u, dt, A, Bm, Cm, h0):
+        length = u.shape[1]
+        starts, ys, h = [], [], h0
+        for start in range(0, length, _BACKWARD_CHUNK):
+            sl = slice(start, min(start + _BACKWARD_CHUNK, length))
+            starts.append(h)
+            y, h = _linear_inplace(u[:, sl], dt[:, sl], A, Bm[:, sl], Cm[:, sl], h, _INPLACE_CHUNK)
+            ys.append(y)
+        ctx.save_for_backward(u, dt, A, Bm, Cm, torch.stack(starts))
+        return torch.cat(ys, dim=1), h
+
+    @staticmethod
+    @torch.no_grad()
+    def backward(ctx, dy, dh):
+        u, dt, A, Bm, Cm, starts = ctx.saved_tensors
+        length = u.shape[1]
+        dy = torch.zeros_like(u) if dy is None else dy
+        g = torch.zeros_like(starts[0]) if dh is None else dh.clone()  # dLoss/dh after the chunk
+        du, d_dt = torch.empty_like(u), torch.empty_like(dt)
+        d_b, d_c = torch.empty_like(Bm), torch.empty_like(Cm)
+        d_a = torch.zeros_like(A)
+        for index in reversed(range(starts.shape[0])):
+            start = index * _BACKWARD_CHUNK
+            sl = slice(start, min(start + _BACKWARD_CHUNK, length))
+            dt_c, u_c, b_c, c_c, dy_c = dt[:, sl], u[:, sl], Bm[:, sl], Cm[:, sl], dy[:, sl]
+            steps = dt_c.shape[1]
+            a = torch.exp(dt_c[..., None] * A)  # (B,T,E,N)
+            dtu = dt_c * u_c
+            hs = torch.empty_like(a)
+            h = starts[index]
+            for t in range(steps):  # recompute the chunk's states
+                torch.addcmul(dtu[:, t, :, None] * b_c[:, t, None, :], a[:, t], h, out=hs[:, t])
+                h = hs[:, t]
+            grads = torch.empty_like(a)
+            for t in reversed(range(steps)):  # the adjoint recurrence
+                g = g.addcmul_(dy_c[:, t, :, None], c_c[:, t, None, :])
+                grads[:, t] = g
+                g = a[:, t] * g
+            h_prev = torch.cat([starts[index][:, None], hs[:, :-1]], dim=1)
+            s = grads * h_prev * a  # dLoss/d(dt*A), elementwise
+            g_b = torch.matmul(grads, b_c[..., None])[..., 0]  # sum_n G * B   (B,T,E)
+            d_dt[:, sl] = (s * A).sum(-1) + u_c * g_b
+            du[:, sl] = dt_c * g_b
+            d_b[:, sl] = torch.matmul(grads.transpose(-1, -2), dtu[..., None])[..., 0]
+            d_c[:, sl] = torch.matmul(hs.transpose(-1, -2), dy_c[..., None])[..., 0]
+            d_a += (s * dt_c[..., None]).sum((0, 1))
+        return du, d_dt, d_a, d_b, d_c, g
 
 
 def _compiled_chunk_fn(h, dt, u, Bm, Cm, A):
@@ -136,8 +190,8 @@ def make_scan(algorithm: str, chunk_size="auto", *, compile_scan: bool = False):
             if compile_scan:
                 return _chunked(_compiled_chunk(), u, dt, A, Bm, Cm, h0, size, grad)
             if not grad:
-                return _linear_inplace(u, dt, A, Bm, Cm, h0, size)
-            return _chunked(_linear_chunk, u, dt, A, Bm, Cm, h0, size, True)
+                return _linear_inplace(u, dt, A, Bm, Cm, h0, min(size, _INPLACE_CHUNK))
+            return _LinearScan.apply(u, dt, A, Bm, Cm, h0)
         chunk_fn = functools.partial(ALGORITHMS[algorithm], xp=xp_torch)
         return _chunked(chunk_fn, u, dt, A, Bm, Cm, h0, size, grad)
 
@@ -231,6 +285,10 @@ class TorchBackend(Backend):
         # CPU: measured (README "Scans"): the in-place linear loop is fastest eagerly.
         # CUDA: the chunked cumulative form (few launches per chunk; not measured here).
         return "cumulative" if platform == "gpu" else "linear"
+
+    def chunk_size(self, algorithm: str, config: MambaConfig, platform: str) -> int:
+        device = torch.device("cuda" if platform == "gpu" else "cpu")
+        return _chunk(algorithm, config.chunk_size, device)
 
     def forward(self, params, x, config: MambaConfig, state: MambaState | None, scan_type: str):
         return torch_forward(

@@ -40,6 +40,7 @@ __all__ = [
     "mixer_forward",
     "mixer_step",
     "param_shapes",
+    "prepare_params",
     "scan_dtype",
 ]
 
@@ -185,7 +186,10 @@ def mixer_forward(
     dt_low, b_mat, c_mat = x_dbl[..., :r], x_dbl[..., r : r + n], x_dbl[..., r + n :]
     dt = linear(dt_low, p("dt_proj.weight"), xp=xp)
     dt = softplus(_cast(dt, sdtype, xp) + _cast(params["dt_proj.bias"], sdtype, xp), xp=xp)
-    a_mat = -xp.exp(_cast(params["A_log"], sdtype, xp))
+    if "A" in params:  # precomputed by `prepare_params` (decode loops)
+        a_mat = _cast(params["A"], sdtype, xp)
+    else:
+        a_mat = -xp.exp(_cast(params["A_log"], sdtype, xp))
     if state is None:
         h0 = xp.zeros((x.shape[0], e, n), dtype=sdtype, device=_device(x))
     else:
@@ -208,12 +212,26 @@ def mixer_step(
     x_t: Array,
     config: MambaConfig,
     *,
+    scan: ScanFn | None = None,
     xp=None,
 ) -> tuple[Array, MambaState]:
     """One decode step: x_t (B, H) and the state before it -> (y_t (B, H), new state).
 
-    The same arithmetic as `mixer_forward` on a length-1 sequence with the linear scan.
+    The same arithmetic as `mixer_forward` on a length-1 sequence with the linear scan
+    (or `scan`, a backend's native one).
     """
     xp = xp if xp is not None else array_namespace(x_t)
-    y, new_state = mixer_forward(params, x_t[:, None, :], config, state, scan=_step_scan, xp=xp)
+    step_scan = _step_scan if scan is None else scan
+    y, new_state = mixer_forward(params, x_t[:, None, :], config, state, scan=step_scan, xp=xp)
     return y[:, 0, :], new_state
+
+
+def prepare_params(params: Mapping[str, Array], config: MambaConfig, *, xp=None) -> dict:
+    """`params` plus "A" = -exp(A_log) in the scan dtype, computed once.
+
+    `mixer_forward` / `mixer_step` use a precomputed "A" when present, which saves E*N
+    exponentials per call: worth it in a decode loop, where they are as many as the scan's.
+    """
+    xp = xp if xp is not None else array_namespace(params["A_log"])
+    sdtype = scan_dtype(params["in_proj.weight"].dtype, config, xp=xp)
+    return {**params, "A": -xp.exp(_cast(params["A_log"], sdtype, xp))}

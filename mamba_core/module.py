@@ -26,7 +26,6 @@ from .config import MambaConfig, resolve_config
 from .mixer import MambaState, init_state, param_shapes, scan_dtype
 from .params import check_state_dict, init_params, to_numpy
 from .registry import Backend, backend_installed, get_backend
-from .scan import resolve_chunk
 
 __all__ = ["IModule", "MambaModule", "available_modules", "create_module"]
 
@@ -110,6 +109,7 @@ class MambaModule(IModule):
             else init_params(self.config, seed)
         )
         self.params = self._params_to_backend(weights)
+        self._prepared: dict[str, Any] | None = None
         self._calls = 0
         self._last_metrics: dict[str, Any] = {}
         self.logger.info(
@@ -233,6 +233,7 @@ class MambaModule(IModule):
             "scan_dtype": self._scan_dtype_name(),
             "scan_type": self.config.scan_type,
             "scan_used": scan_used,
+            "chunk_size": self.backend.chunk_size(scan_used, self.config, platform),
             **self.backend.call_info(),
         }
 
@@ -285,7 +286,9 @@ class MambaModule(IModule):
         h = self.config.hidden_size
         x = self._array(x_t, "x_t", f"(batch, hidden_size={h})", 2)
         st = self.init_state(x.shape[0]) if state is None else self._state(state, x.shape[0])
-        return self.backend.step(self.params, st, x, self.config)
+        if self._prepared is None:
+            self._prepared = self.backend.prepare(self.params, self.config)
+        return self.backend.step(self._prepared, st, x, self.config)
 
     def setup_tpu_optimizations(self) -> dict[str, Any]:
         """Report (and log) what TPU-specific choices apply on this device.
@@ -323,7 +326,9 @@ class MambaModule(IModule):
             "complexity": "O(log n)" if scan_used == "associative" else "O(n)",
             "scan_type": self.config.scan_type,
             "scan_used": scan_used,
-            "chunk_size": resolve_chunk(scan_used, self.config.chunk_size),
+            "chunk_size": self.backend.chunk_size(
+                scan_used, self.config, self.backend.platform(self._device)
+            ),
             "tpu_optimizations": self.config.use_tpu_optimizations,
             "mixed_precision": self.config.use_mixed_precision,
             "jax_available": backend_installed("jax"),
@@ -353,6 +358,7 @@ class MambaModule(IModule):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Replace the weights; any array-likes, checked key by key and shape by shape."""
         self.params = self._params_to_backend(check_state_dict(state_dict, self.config))
+        self._prepared = None
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write `config.json` and `model.safetensors` (no pickle) into `directory`."""

@@ -90,7 +90,11 @@ def activation_fn(name: str) -> Callable[..., Array]:
 def linear(x: Array, weight: Array, bias: Array | None = None, *, xp=None) -> Array:
     """x @ weight.T (+ bias), PyTorch `nn.Linear` layout: weight (out, in), x (..., in)."""
     xp = _ns(xp, x, weight)
-    y = xp.matmul(x, weight.mT)
+    if x.ndim > 2:  # one (prod(lead), in) @ (in, out) product, never a loop of matrix-vector ones
+        lead = x.shape[:-1]
+        y = xp.reshape(xp.matmul(xp.reshape(x, (-1, x.shape[-1])), weight.mT), (*lead, -1))
+    else:
+        y = xp.matmul(x, weight.mT)
     if bias is not None:
         y = y + bias
     return y

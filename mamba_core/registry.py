@@ -119,10 +119,23 @@ class Backend:
         """The algorithm `scan_type="auto"` runs on this platform."""
         return "linear"
 
+    def chunk_size(self, algorithm: str, config: MambaConfig, platform: str) -> int:
+        """The chunk length T `algorithm` runs with (for `chunk_size="auto"`, its default)."""
+        from .scan import resolve_chunk
+
+        return resolve_chunk(algorithm, config.chunk_size)
+
     def forward(self, params, x, config: MambaConfig, state: MambaState | None, scan_type: str):
         raise NotImplementedError
 
-    def step(self, params, state: MambaState, x_t, config: MambaConfig):
+    def prepare(self, params, config: MambaConfig):
+        """Params for `step`, with what a decode loop should not recompute every token."""
+        from .mixer import prepare_params
+
+        return prepare_params(params, config, xp=self.xp)
+
+    def step(self, prepared, state: MambaState, x_t, config: MambaConfig):
+        """One decode step with `prepare`d params."""
         raise NotImplementedError
 
     def call_info(self) -> dict[str, Any]:

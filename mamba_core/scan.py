@@ -52,9 +52,10 @@ __all__ = [
 
 Array = Any
 
-#: Default chunk length per algorithm when `MambaConfig.chunk_size == "auto"`.
-#: `cumulative` holds (T, T) decay matrices per channel, so it wants short chunks.
-DEFAULT_CHUNK = {"linear": 64, "associative": 64, "cumulative": 4}
+#: Default chunk length per algorithm when `MambaConfig.chunk_size == "auto"` (measured on
+#: CPU, README "Scans"): the associative scan does log2(T) full passes per chunk and the
+#: cumulative one holds (T, T) decay blocks per channel, so both want short chunks here.
+DEFAULT_CHUNK = {"linear": 64, "associative": 8, "cumulative": 4}
 
 
 def resolve_chunk(algorithm: str, chunk_size: int | str | None) -> int:

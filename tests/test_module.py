@@ -96,6 +96,7 @@ def test_seed_usage_example(backend):
     assert m["backend"] == backend and m["fallback_used"] is False
     assert m["scan_type"] == "associative" and m["scan_used"] == "associative"
     assert m["platform"] == "cpu" and m["device"].startswith("cpu")
+    assert isinstance(m["chunk_size"], int) and m["chunk_size"] >= 1
     assert m["dtype"] == "float32"
     assert result["success"] is True
     assert np.isfinite(to_np(result["output"])).all()

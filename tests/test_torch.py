@@ -110,8 +110,9 @@ def test_gradcheck_every_parameter_and_the_input(scan):
     names = list(model.params_dict())
     x = torch.randn(2, 7, 4, dtype=torch.float64, requires_grad=True)
 
-    def f(x, *params):
-        return torch_forward(dict(zip(names, params, strict=True)), x, cfg)[0]
+    def f(x, *params):  # the output and the final state, so both adjoints are checked
+        y, state = torch_forward(dict(zip(names, params, strict=True)), x, cfg)
+        return y, state.ssm_state
 
     params = [p.detach().clone().requires_grad_(True) for p in model.params_dict().values()]
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)

@@ -1,0 +1,524 @@
+"""The benchmark runner: `python -m bench` (or `make bench`).
+
+Measures this machine's matmul and exp rates, then every backend and scan type and, when
+`transformers` is installed, HuggingFace's `MambaMixer` (its pure-PyTorch path), each
+measurement in a fresh subprocess.  Writes `results.json`, `results.md` and `results.png`
+into the output folder (default `bench/results/`).
+
+Times are the minimum over repeats of one forward (the first call, which compiles on JAX, is
+excluded and reported separately).  Peak memory is measured in a separate process started
+with glibc's mmap threshold lowered (MALLOC_MMAP_THRESHOLD_), so that freed memory leaves
+the process at once and the peak resident set growth of one warm call is what that call
+really holds; that setting slows allocation-heavy code, so no time is taken from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bench.worker import SEED
+
+ROOT = Path(__file__).resolve().parents[1]
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+OURS = ("numpy", "jax", "torch")
+LABEL = {
+    "numpy": "mamba-core numpy",
+    "jax": "mamba-core jax",
+    "torch": "mamba-core torch",
+    "torch-compiled": "mamba-core torch (compiled scan)",
+    "hf": "HF transformers MambaMixer",
+}
+
+
+def flops(batch: int, length: int) -> float:
+    h, e, n, r = (
+        SEED["hidden_size"],
+        SEED["hidden_size"] * SEED["expand_factor"],
+        SEED["d_state"],
+        SEED["dt_rank"],
+    )
+    per_token = h * 2 * e + e * (r + 2 * n) + r * e + e * h
+    return 2.0 * batch * length * per_token
+
+
+def lower_bound(machine: dict, batch: int, length: int) -> float:
+    e, n = SEED["hidden_size"] * SEED["expand_factor"], SEED["d_state"]
+    return flops(batch, length) / (machine["matmul_gflops"] * 1e9) + batch * length * e * n / (
+        machine["exp_gps"] * 1e9
+    )
+
+
+def run_task(task: dict, memory: bool = False, timeout: int = 1800) -> dict:
+    env = {**os.environ, **(MEMORY_ENV if memory else {})}
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.worker", json.dumps(task)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-3:]
+        return {**task, "error": " | ".join(tail) or f"exit code {proc.returncode}"}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_s"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def plan(args) -> list[tuple[dict, bool]]:
+    """(task, memory?) pairs."""
+    tasks: list[tuple[dict, bool]] = [({"kind": "machine"}, False)]
+    impls = [i for i in OURS if i in args.backends]
+    peer = args.peer
+    for length in args.lengths:
+        for impl in impls:
+            for memory in (False, True):
+                tasks.append(
+                    (
+                        {
+                            "kind": "forward",
+                            "impl": impl,
+                            "scan": "auto",
+                            "batch": 2,
+                            "length": length,
+                            "repeats": args.repeats,
+                        },
+                        memory,
+                    )
+                )
+        if "torch" in impls:
+            tasks.append(
+                (
+                    {
+                        "kind": "forward",
+                        "impl": "torch-compiled",
+                        "scan": "linear",
+                        "batch": 2,
+                        "length": length,
+                        "repeats": args.repeats,
+                    },
+                    False,
+                )
+            )
+        if peer and length <= args.peer_max_length:
+            for memory in (False, True):
+                tasks.append(
+                    (
+                        {
+                            "kind": "forward",
+                            "impl": "hf",
+                            "batch": 2,
+                            "length": length,
+                            "repeats": args.repeats,
+                        },
+                        memory,
+                    )
+                )
+    for impl in impls:  # every scan type at the seed length
+        for scan in ("linear", "associative", "cumulative"):
+            tasks.append(
+                (
+                    {
+                        "kind": "forward",
+                        "impl": impl,
+                        "scan": scan,
+                        "batch": 2,
+                        "length": args.seed_length,
+                        "repeats": 2,
+                    },
+                    False,
+                )
+            )
+    for impl in impls:  # one long sequence, batch 1
+        for memory in (False, True):
+            tasks.append(
+                (
+                    {
+                        "kind": "forward",
+                        "impl": impl,
+                        "scan": "auto",
+                        "batch": 1,
+                        "length": args.long_length,
+                        "repeats": 1,
+                    },
+                    memory,
+                )
+            )
+    for batch in (1, 8):
+        for impl in impls:
+            for context in (10, args.decode_context):
+                tasks.append(
+                    (
+                        {
+                            "kind": "decode",
+                            "impl": impl,
+                            "batch": batch,
+                            "context": context,
+                            "steps": args.decode_steps,
+                        },
+                        False,
+                    )
+                )
+        if peer:
+            tasks.append(
+                (
+                    {
+                        "kind": "decode",
+                        "impl": "hf",
+                        "batch": batch,
+                        "context": 10,
+                        "steps": args.decode_steps,
+                    },
+                    False,
+                )
+            )
+    for impl in [i for i in ("jax", "torch") if i in impls]:
+        tasks.append(
+            (
+                {
+                    "kind": "train",
+                    "impl": impl,
+                    "batch": 2,
+                    "length": args.seed_length,
+                    "repeats": 2,
+                },
+                False,
+            )
+        )
+    return tasks
+
+
+def worker_task(task: dict) -> dict:
+    """torch-compiled is the torch worker with the compiled scan kernel."""
+    if task.get("impl") == "torch-compiled":
+        return {**task, "impl": "torch", "compile_scan": True}
+    return task
+
+
+# ---------------------------------------------------------------- reporting
+def _find(results, **match):
+    for r in results:
+        if all(r.get(k) == v for k, v in match.items()) and "error" not in r:
+            return r
+    return None
+
+
+def summarize(results: list[dict], args) -> dict:
+    machine = _find(results, kind="machine")
+    fwd = [r for r in results if r["kind"] == "forward" and "error" not in r]
+    time_rows = [r for r in fwd if not r.get("memory")]
+    mem_rows = [r for r in fwd if r.get("memory")]
+    length = args.seed_length
+    hf_t = _find(time_rows, impl="hf", length=length)
+    hf_m = _find(mem_rows, impl="hf", length=length)
+    bound = lower_bound(machine, 2, length)
+    summary = {
+        "machine": machine,
+        "lower_bound_s": round(bound, 4),
+        "seed_length": length,
+        "hf_time_s": hf_t and hf_t["time_s"],
+        "hf_peak_mib": hf_m and hf_m["peak_mem_mib"],
+        "backends": {},
+    }
+    hf_dec = {b: _find(results, kind="decode", impl="hf", batch=b) for b in (1, 8)}
+    for impl in [*OURS, "torch-compiled"]:
+        t = _find(time_rows, impl=impl, length=length, batch=2)
+        if t is None:
+            continue
+        m = _find(mem_rows, impl=impl, length=length, batch=2)
+        row = {"time_s": t["time_s"], "x_bound": t["time_s"] / bound}
+        if hf_t:
+            row["x_hf_time"] = t["time_s"] / hf_t["time_s"]
+        if m:
+            row["peak_mib"] = m["peak_mem_mib"]
+            if hf_m and hf_m["peak_mem_mib"] > 0:
+                row["x_hf_mem"] = m["peak_mem_mib"] / hf_m["peak_mem_mib"]
+        for b in (1, 8):
+            d = _find(results, kind="decode", impl=impl, batch=b, context=10)
+            d_long = _find(results, kind="decode", impl=impl, batch=b, context=args.decode_context)
+            if d:
+                row[f"decode_b{b}_ms"] = d["ms_per_token"]
+                if d_long:
+                    row[f"decode_b{b}_long_ms"] = d_long["ms_per_token"]
+                if hf_dec[b]:
+                    row[f"x_hf_decode_b{b}"] = d["ms_per_token"] / hf_dec[b]["ms_per_token"]
+        summary["backends"][impl] = row
+    return summary
+
+
+def targets(summary: dict) -> list[tuple[str, str, bool | None]]:
+    out = []
+    for impl, row in summary["backends"].items():
+        out.append(
+            (
+                impl,
+                "forward <= 0.25x HF time",
+                None if "x_hf_time" not in row else row["x_hf_time"] <= 0.25,
+            )
+        )
+        out.append((impl, "forward <= 2x lower bound", row["x_bound"] <= 2.0))
+        if impl == "torch-compiled":
+            continue
+        out.append(
+            (
+                impl,
+                "peak memory <= 0.1x HF",
+                None if "x_hf_mem" not in row else row["x_hf_mem"] <= 0.1,
+            )
+        )
+        for b in (1, 8):
+            key = f"x_hf_decode_b{b}"
+            out.append(
+                (
+                    impl,
+                    f"decode batch {b} <= 0.25x HF",
+                    None if key not in row else row[key] <= 0.25,
+                )
+            )
+            if f"decode_b{b}_long_ms" in row:
+                flat = row[f"decode_b{b}_long_ms"] <= 1.25 * row[f"decode_b{b}_ms"]
+                out.append((impl, f"decode batch {b} flat in context (<= 1.25x)", flat))
+    return out
+
+
+def write_markdown(results: list[dict], summary: dict, args, path: Path) -> None:
+    m = summary["machine"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {m['cpus']} CPUs, "
+        f"matmul {m['matmul_gflops']} GFLOP/s (float32), exp {m['exp_gps']} G/s. "
+        f"Seed config {SEED}, float32, one mixer layer. Times: minimum over repeats, warm.",
+        "",
+        f"## Forward, B=2, L={summary['seed_length']}, scan_type=auto",
+        "",
+        f"Lower bound (matmul FLOPs at the measured rate + B*L*E*N exponentials at the "
+        f"measured rate): **{summary['lower_bound_s']:.3f} s**. "
+        + (
+            f"HF MambaMixer: **{summary['hf_time_s']:.3f} s**, peak "
+            f"+{summary['hf_peak_mib']:.0f} MiB."
+            if summary["hf_time_s"]
+            else "HF: not run."
+        ),
+        "",
+        "| implementation | time (s) | x lower bound | x HF time | peak mem (MiB) | x HF mem |",
+        "|---|---|---|---|---|---|",
+    ]
+    for impl, row in summary["backends"].items():
+        lines.append(
+            f"| {LABEL[impl]} | {row['time_s']:.3f} | {row['x_bound']:.2f} | "
+            f"{row.get('x_hf_time', float('nan')):.3f} | {row.get('peak_mib', float('nan')):.0f} | "
+            f"{row.get('x_hf_mem', float('nan')):.3f} |"
+        )
+    lines += [
+        "",
+        f"## Every scan type, B=2, L={args.seed_length}",
+        "",
+        "| backend | linear (s) | associative (s) | cumulative (s) |",
+        "|---|---|---|---|",
+    ]
+    for impl in OURS:
+        cells = []
+        for scan in ("linear", "associative", "cumulative"):
+            r = _find(
+                results, kind="forward", impl=impl, scan=scan, length=args.seed_length, repeats=2
+            )
+            cells.append(f"{r['time_s']:.3f}" if r else "n/a")
+        lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Scaling in L (B=2; the last row B=1)",
+        "",
+        "| implementation | L | time (s) | lower bound (s) | peak mem (MiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in sorted(
+        (
+            r
+            for r in results
+            if r["kind"] == "forward"
+            and not r.get("memory")
+            and r.get("scan", "auto") in ("auto", "linear")
+            and r.get("repeats") != 2
+            and "error" not in r
+        ),
+        key=lambda r: (r["impl"], r["length"]),
+    ):
+        mem = _find(
+            results,
+            kind="forward",
+            impl=r["impl"],
+            length=r["length"],
+            batch=r["batch"],
+            memory=True,
+        )
+        lines.append(
+            f"| {LABEL[r['impl']]} | {r['length']} (B={r['batch']}) | {r['time_s']:.3f} | "
+            f"{lower_bound(m, r['batch'], r['length']):.3f} | "
+            f"{mem['peak_mem_mib'] if mem else 'n/a'} |"
+        )
+    lines += [
+        "",
+        f"## Decode: ms per token (one cached step), after a context of 10 and "
+        f"{args.decode_context} tokens",
+        "",
+        "| implementation | batch | after 10 | after long context | x HF |",
+        "|---|---|---|---|---|",
+    ]
+    for b in (1, 8):
+        hf = _find(results, kind="decode", impl="hf", batch=b)
+        for impl in [*OURS, "hf"]:
+            short = _find(results, kind="decode", impl=impl, batch=b, context=10)
+            if not short:
+                continue
+            long_ = _find(results, kind="decode", impl=impl, batch=b, context=args.decode_context)
+            lines.append(
+                f"| {LABEL[impl]} | {b} | {short['ms_per_token']:.3f} | "
+                f"{long_['ms_per_token']:.3f} |"
+                if long_
+                else f"| {LABEL[impl]} | {b} | {short['ms_per_token']:.3f} | n/a |"
+            )
+            lines[-1] += f" {short['ms_per_token'] / hf['ms_per_token']:.2f} |" if hf else " n/a |"
+    lines += [
+        "",
+        f"## Training step (forward + backward), B=2, L={args.seed_length}",
+        "",
+        "| implementation | time (s) | forward (s) | peak mem (MiB) | compile (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for impl in ("jax", "torch"):
+        r = _find(results, kind="train", impl=impl)
+        f = summary["backends"].get(impl)
+        if r:
+            lines.append(
+                f"| {LABEL[impl]} | {r['time_s']:.3f} | {f['time_s'] if f else 'n/a'} | "
+                f"{r['peak_mem_mib']} | {r.get('compile_time_s', '-')} |"
+            )
+    lines += ["", "## Targets", "", "| implementation | target | met |", "|---|---|---|"]
+    for impl, what, ok in targets(summary):
+        lines.append(
+            f"| {LABEL[impl]} | {what} | {'n/a' if ok is None else ('yes' if ok else 'no')} |"
+        )
+    errors = [r for r in results if "error" in r]
+    if errors:
+        lines += ["", "## Failed measurements", ""]
+        lines += [
+            f"- {json.dumps({k: v for k, v in r.items() if k != 'error'})}: {r['error']}"
+            for r in errors
+        ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_plot(results: list[dict], summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    machine = summary["machine"]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for impl in [*OURS, "torch-compiled", "hf"]:
+        rows = sorted(
+            (
+                r
+                for r in results
+                if r["kind"] == "forward"
+                and r["impl"] == impl
+                and r["batch"] == 2
+                and r.get("scan", "auto") in ("auto", "linear")
+                and r.get("repeats") != 2
+                and "error" not in r
+            ),
+            key=lambda r: r["length"],
+        )
+        times = [(r["length"], r["time_s"]) for r in rows if not r.get("memory")]
+        mems = [(r["length"], r["peak_mem_mib"]) for r in rows if r.get("memory")]
+        if times:
+            ax_t.plot(*zip(*times, strict=True), marker="o", label=LABEL[impl])
+        if mems:
+            ax_m.plot(*zip(*mems, strict=True), marker="o", label=LABEL[impl])
+    lengths = sorted({r["length"] for r in results if r["kind"] == "forward" and r["batch"] == 2})
+    ax_t.plot(lengths, [lower_bound(machine, 2, n) for n in lengths], "k--", label="lower bound")
+    for ax, title, unit in ((ax_t, "forward time", "seconds"), (ax_m, "peak memory growth", "MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length L (batch 2)")
+        ax.set_ylabel(unit)
+        ax.set_title(f"{title}, seed config, float32")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--lengths", default="512,2048,8192")
+    parser.add_argument("--seed-length", type=int, default=2048)
+    parser.add_argument("--long-length", type=int, default=65536)
+    parser.add_argument("--decode-context", type=int, default=10000)
+    parser.add_argument("--decode-steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--backends", default=",".join(OURS))
+    parser.add_argument(
+        "--peer-max-length",
+        type=int,
+        default=2048,
+        help="HF materialises (B,E,L,N) tensors: L=8192 needs > 16 GiB",
+    )
+    parser.add_argument("--no-peer", dest="peer", action="store_false")
+    parser.add_argument("--quick", action="store_true", help="small lengths, for a smoke run")
+    args = parser.parse_args(argv)
+    args.lengths = [int(v) for v in args.lengths.split(",")]
+    args.backends = args.backends.split(",")
+    if args.quick:
+        args.lengths, args.seed_length, args.long_length = [256, 512], 512, 4096
+        args.decode_context, args.decode_steps, args.repeats = 200, 20, 2
+    if args.peer and importlib.util.find_spec("transformers") is None:
+        print("transformers is not installed: the HF peer is skipped")
+        print("(pip install 'mamba-core[bench]' installs it)")
+        args.peer = False
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    tasks = plan(args)
+    for task, memory in tqdm(tasks, desc="benchmarks", unit="run"):
+        tqdm.write(f"{task}{' (memory)' if memory else ''}")
+        result = run_task(worker_task(task), memory=memory)
+        result["impl"] = task.get("impl", result.get("impl"))
+        if memory:
+            result["memory"] = True
+        results.append(result)
+    summary = summarize(results, args)
+    payload = {
+        "args": {k: v for k, v in vars(args).items()},
+        "summary": summary,
+        "targets": [list(t) for t in targets(summary)],
+        "results": results,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+    (out / "results.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    write_markdown(results, summary, args, out / "results.md")
+    write_plot(results, summary, out / "results.png")
+    print((out / "results.md").read_text(encoding="utf-8"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

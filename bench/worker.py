@@ -1,0 +1,308 @@
+"""One measurement, in a fresh process: `python -m bench.worker '<json task>'`.
+
+Prints one JSON line with the result.  A fresh process per measurement keeps peak-memory
+numbers honest: the peak resident set (VmHWM) is reset through /proc/self/clear_refs just
+before the measured call, after the inputs exist and after warm-up/compilation, so it
+measures what the forward itself allocates.
+
+Task kinds:
+- machine: this CPU's float32 matmul rate and exp rate (best of NumPy and PyTorch).
+- forward: one mixer forward, seed config; impl in numpy | jax | torch | hf.
+- decode: per-token latency of the cached one-token step after a context of C tokens.
+- train: forward + backward (jax | torch | hf).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+SEED = dict(hidden_size=768, d_state=64, expand_factor=2, d_conv=4, dt_rank=48)
+
+
+# ---------------------------------------------------------------- memory
+def _rss_kib() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _hwm_kib() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> int:
+    """Reset VmHWM to the current RSS and return that RSS (KiB)."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return _rss_kib()
+
+
+def measured(fn, repeats: int) -> dict[str, Any]:
+    """Time `fn` `repeats` times; the peak memory growth of the first measured call."""
+    base = _reset_peak()
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    peak = _hwm_kib() - base
+    times = [first]
+    for _ in range(repeats - 1):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return {
+        "time_s": min(times),
+        "median_s": statistics.median(times),
+        "times_s": [round(t, 5) for t in times],
+        "peak_mem_mib": round(peak / 1024, 1),
+    }
+
+
+# ---------------------------------------------------------------- implementations
+def _config(scan: str, **extra):
+    from mamba_core import MambaConfig
+
+    return MambaConfig(**SEED, scan_type=scan, **extra)
+
+
+def _hf_mixer():
+    import torch
+    from transformers import MambaConfig as HFConfig
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+
+    cfg = HFConfig(
+        hidden_size=SEED["hidden_size"],
+        state_size=SEED["d_state"],
+        conv_kernel=SEED["d_conv"],
+        expand=SEED["expand_factor"],
+        time_step_rank=SEED["dt_rank"],
+        use_bias=False,
+        use_conv_bias=True,
+        hidden_act="silu",
+        num_hidden_layers=1,
+    )
+    torch.manual_seed(0)
+    return MambaMixer(cfg, layer_idx=0).eval(), cfg
+
+
+def _forward_fn(impl: str, scan: str, batch: int, length: int, compile_scan: bool = False):
+    """(warm-up-done callable, extra info) for one forward of the seed config."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, length, SEED["hidden_size"]), dtype=np.float32)
+    info: dict[str, Any] = {}
+    if impl == "hf":
+        import torch
+
+        mixer, _ = _hf_mixer()
+        xt = torch.from_numpy(x)
+
+        def fn():
+            with torch.no_grad():
+                mixer(xt)
+
+        fn()
+        return fn, info
+    if impl == "torch":
+        import torch
+
+        from mamba_core.backends.torch import MambaTorch
+
+        model = MambaTorch(_config(scan), seed=0, compile_scan=compile_scan)
+        xt = torch.from_numpy(x)
+
+        def fn():
+            with torch.no_grad():
+                model(xt)
+
+        start = time.perf_counter()
+        fn()
+        info["first_call_s"] = round(time.perf_counter() - start, 3)
+        return fn, info
+    from mamba_core import MambaModule
+
+    module = MambaModule(_config(scan), backend=impl, seed=0)
+    native = module.backend.asarray(x)
+
+    def fn():
+        out = module(native)["output"]
+        if impl == "jax":
+            out.block_until_ready()
+
+    start = time.perf_counter()
+    fn()
+    info["first_call_s"] = round(time.perf_counter() - start, 3)
+    if impl == "jax":
+        info["compile_time_s"] = module.backend.call_info().get("compile_time_s")
+    return fn, info
+
+
+def task_forward(task: dict) -> dict:
+    fn, info = _forward_fn(
+        task["impl"],
+        task.get("scan", "auto"),
+        task["batch"],
+        task["length"],
+        task.get("compile_scan", False),
+    )
+    return {**measured(fn, task.get("repeats", 3)), **info}
+
+
+def task_decode(task: dict) -> dict:
+    """Per-token latency of one cached step, after a context of `context` tokens."""
+    impl, batch, context, steps = task["impl"], task["batch"], task["context"], task["steps"]
+    rng = np.random.default_rng(0)
+    h = SEED["hidden_size"]
+    ctx = rng.standard_normal((batch, context, h), dtype=np.float32)
+    tokens = rng.standard_normal((steps, batch, h), dtype=np.float32)
+    if impl == "hf":
+        import torch
+        from transformers import DynamicCache
+
+        mixer, cfg = _hf_mixer()
+        cache = DynamicCache(config=cfg)
+        with torch.no_grad():
+            mixer(torch.from_numpy(ctx), cache=cache)  # prefill
+            toks = [torch.from_numpy(t[:, None, :]) for t in tokens]
+
+            def one(i):
+                mixer(toks[i], cache=cache)
+
+            for i in range(min(5, steps)):
+                one(i)
+            start = time.perf_counter()
+            for i in range(steps):
+                one(i)
+            elapsed = time.perf_counter() - start
+        return {"ms_per_token": 1e3 * elapsed / steps}
+    from mamba_core import MambaModule
+
+    module = MambaModule(_config("auto"), backend=impl, seed=0)
+    state = module(module.backend.asarray(ctx))["state"]
+    toks = [module.backend.asarray(t) for t in tokens]
+    step = module.step
+    for i in range(min(5, steps)):
+        step(toks[i], state)
+    start = time.perf_counter()
+    for i in range(steps):
+        y, state = step(toks[i], state)
+    if impl == "jax":
+        y.block_until_ready()
+    elapsed = time.perf_counter() - start
+    return {"ms_per_token": 1e3 * elapsed / steps}
+
+
+def task_train(task: dict) -> dict:
+    """Forward + backward of sum(y**2) w.r.t. every parameter and the input."""
+    impl, batch, length = task["impl"], task["batch"], task["length"]
+    x = np.random.default_rng(0).standard_normal(
+        (batch, length, SEED["hidden_size"]), dtype=np.float32
+    )
+    info: dict[str, Any] = {}
+    if impl == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        from mamba_core import init_params
+        from mamba_core.backends import jax as mj
+
+        cfg = _config(task.get("scan", "linear"))
+        params = {k: jnp.asarray(v, jnp.float32) for k, v in init_params(cfg, 0).items()}
+        xj = jnp.asarray(x)
+        grad = jax.jit(
+            jax.grad(lambda p, v: jnp.sum(mj.forward(p, v, cfg)[0] ** 2), argnums=(0, 1))
+        )
+        start = time.perf_counter()
+        compiled = grad.lower(params, xj).compile()
+        info["compile_time_s"] = round(time.perf_counter() - start, 3)
+
+        def fn():
+            jax.block_until_ready(compiled(params, xj))
+
+        fn()
+    else:
+        import torch
+
+        if impl == "hf":
+            model, _ = _hf_mixer()
+            model.train()  # still its pure-PyTorch path (no CUDA kernels here)
+        else:
+            from mamba_core.backends.torch import MambaTorch
+
+            model = MambaTorch(_config(task.get("scan", "linear")), seed=0)
+        xt = torch.from_numpy(x).requires_grad_(True)
+
+        def fn():
+            model.zero_grad(set_to_none=True)
+            xt.grad = None
+            (model(xt) ** 2).sum().backward()
+
+        fn()
+    return {**measured(fn, task.get("repeats", 2)), **info}
+
+
+def task_machine(task: dict) -> dict:
+    """Best-of float32 matmul (GFLOP/s) and exp (G/s) rates on this machine."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    m, k, n = 4096, 768, 3072  # the in_proj shape of the seed config at B*L = 4096
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    ta, tw = torch.from_numpy(a), torch.from_numpy(w)
+    flops = 2 * m * k * n
+
+    def best(fn, repeats=7):
+        fn()
+        out = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+        return min(out)
+
+    matmul = max(flops / best(lambda: a @ w.T), flops / best(lambda: ta @ tw.T)) / 1e9
+    size = 1 << 25
+    v = rng.standard_normal(size, dtype=np.float32) * 0.1 - 1.0
+    tv = torch.from_numpy(v.copy())
+    out = np.empty_like(v)
+    exp_rate = (
+        max(size / best(lambda: np.exp(v, out=out)), size / best(lambda: torch.exp(tv))) / 1e9
+    )
+    return {
+        "matmul_gflops": round(matmul, 1),
+        "exp_gps": round(exp_rate, 2),
+        "cpus": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+TASKS = {
+    "forward": task_forward,
+    "decode": task_decode,
+    "train": task_train,
+    "machine": task_machine,
+}
+
+
+def main() -> None:
+    task = json.loads(sys.argv[1])
+    result = TASKS[task["kind"]](task)
+    print(json.dumps({**task, **result}))
+
+
+if __name__ == "__main__":
+    main()
