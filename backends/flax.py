@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mamba_core.checks import check_input_shape
 from mamba_core.config import MambaConfig, resolve_config
 from mamba_core.mixer import MambaState, init_state
 from mamba_core.params import check_state_dict, init_params, to_numpy
@@ -121,13 +122,7 @@ class MambaFlax(nnx.Module):
     # ---------------------------------------------------------------- compute
     def _input(self, x, ndim: int, what: str):
         x = jnp.asarray(x)
-        h = self.config.hidden_size
-        if x.ndim != ndim or x.shape[-1] != h:
-            doc = "(batch, seq_len, hidden_size)" if ndim == 3 else "(batch, hidden_size)"
-            raise ValueError(
-                f"MambaFlax expected {what} of shape {doc} with hidden_size={h}; received "
-                f"{what}.shape={tuple(x.shape)}"
-            )
+        check_input_shape(x, ndim, self.config.hidden_size, owner="MambaFlax", what=what)
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"MambaFlax expected a floating {what}, received {x.dtype}")
         return x if self.dtype is None else x.astype(self.dtype)

@@ -28,18 +28,11 @@ SEED = dict(hidden_size=768, d_state=64, expand_factor=2, d_conv=4, dt_rank=48)
 
 
 # ---------------------------------------------------------------- memory
-def _rss_kib() -> int:
+def _status_kib(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak), in KiB."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _hwm_kib() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
@@ -49,7 +42,7 @@ def _reset_peak() -> int:
     gc.collect()
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
-    return _rss_kib()
+    return _status_kib("VmRSS")
 
 
 def measured(fn, repeats: int) -> dict[str, Any]:
@@ -58,7 +51,7 @@ def measured(fn, repeats: int) -> dict[str, Any]:
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
-    peak = _hwm_kib() - base
+    peak = _status_kib("VmHWM") - base
     times = [first]
     for _ in range(repeats - 1):
         start = time.perf_counter()

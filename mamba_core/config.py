@@ -117,6 +117,11 @@ class MambaConfig:
         """E = expand_factor * hidden_size, the width of the SSM."""
         return self.expand_factor * self.hidden_size
 
+    @property
+    def dims(self) -> tuple[int, int, int, int, int]:
+        """(H, E, N, R, K): hidden_size, d_inner, d_state, dt_rank, d_conv."""
+        return self.hidden_size, self.d_inner, self.d_state, self.dt_rank, self.d_conv
+
     # ------------------------------------------------------------------ constructors
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

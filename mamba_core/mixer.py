@@ -65,13 +65,7 @@ PARAM_NAMES = (
 
 def param_shapes(config: MambaConfig) -> dict[str, tuple[int, ...]]:
     """The parameter names this config has, with their shapes."""
-    h, e, n, r, k = (
-        config.hidden_size,
-        config.d_inner,
-        config.d_state,
-        config.dt_rank,
-        config.d_conv,
-    )
+    h, e, n, r, k = config.dims
     shapes = {
         "in_proj.weight": (2 * e, h),
         "in_proj.bias": (2 * e,),

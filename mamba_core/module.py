@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .checks import check_input_shape
 from .config import MambaConfig, resolve_config
 from .mixer import MambaState, init_state, param_shapes, scan_dtype
 from .params import check_state_dict, init_params, to_numpy
@@ -138,36 +139,20 @@ class MambaModule(IModule):
     def _scan_dtype(self):
         return scan_dtype(self._dtype, self.config, xp=self.backend.xp)
 
-    def _array(self, value: Any, what: str, shape_doc: str, ndim: int):
-        """Validate an input array and bring it to the backend, dtype and device."""
-        if not (hasattr(value, "shape") and hasattr(value, "dtype")):
-            raise TypeError(
-                f"MambaModule expected {what} as an array of shape {shape_doc}; received "
-                f"{type(value).__name__}"
-            )
-        shape = tuple(value.shape)
-        if len(shape) != ndim:
-            raise ValueError(
-                f"MambaModule expected {what} as a {ndim}-D array {shape_doc}; received "
-                f"{what}.shape={shape}"
-            )
-        if shape[-1] != self.config.hidden_size:
-            raise ValueError(
-                f"MambaModule expected {what} with last axis hidden_size="
-                f"{self.config.hidden_size} {shape_doc}; received {what}.shape={shape}"
-            )
-        if any(s == 0 for s in shape):
-            raise ValueError(
-                f"MambaModule expected {what} with no empty axis {shape_doc}; received "
-                f"{what}.shape={shape}"
-            )
+    def _native_float(self, value: Any, what: str):
+        """`value` as a backend array, checked to be of a real floating dtype."""
         native = value if self.backend.is_native(value) else self.backend.asarray(value)
         if not self.backend.xp.isdtype(native.dtype, "real floating"):
             raise TypeError(
                 f"MambaModule expected {what} of a real floating dtype (it is cast to "
                 f"{self.dtype}); received {what}.dtype={value.dtype}"
             )
-        return self.backend.asarray(native, self._dtype, self._device)
+        return native
+
+    def _array(self, value: Any, what: str, ndim: int):
+        """Validate an input array and bring it to the backend, dtype and device."""
+        check_input_shape(value, ndim, self.config.hidden_size, owner="MambaModule", what=what)
+        return self.backend.asarray(self._native_float(value, what), self._dtype, self._device)
 
     def _state(self, state: Any, batch: int) -> MambaState:
         if isinstance(state, Mapping):
@@ -197,11 +182,7 @@ class MambaModule(IModule):
                     f"state.{name}: expected shape {shape} {doc} for a batch of {batch}; "
                     f"received {received if hasattr(value, 'shape') else type(value).__name__}"
                 )
-            native = value if self.backend.is_native(value) else self.backend.asarray(value)
-            if not self.backend.xp.isdtype(native.dtype, "real floating"):
-                raise TypeError(
-                    f"state.{name}: expected a real floating dtype, received {value.dtype}"
-                )
+            native = self._native_float(value, f"state.{name}")
             dtype = self._dtype if name == "conv_state" else self._scan_dtype()
             out[name] = self.backend.asarray(native, dtype, self._device)
         return MambaState(out["conv_state"], out["ssm_state"])
@@ -249,8 +230,7 @@ class MambaModule(IModule):
         """
         if not isinstance(training, bool):
             raise TypeError(f"training must be a bool, received {type(training).__name__}")
-        h = self.config.hidden_size
-        x = self._array(inputs, "inputs", f"(batch, seq_len, hidden_size={h})", 3)
+        x = self._array(inputs, "inputs", 3)
         batch, length, _ = x.shape
         st = None if state is None else self._state(state, batch)
         scan_used = self._scan_used()
@@ -283,8 +263,7 @@ class MambaModule(IModule):
 
     def step(self, x_t: Any, state: Any = None) -> tuple[Any, MambaState]:
         """One decode step: x_t (batch, hidden_size) -> (y_t (batch, hidden_size), state)."""
-        h = self.config.hidden_size
-        x = self._array(x_t, "x_t", f"(batch, hidden_size={h})", 2)
+        x = self._array(x_t, "x_t", 2)
         st = self.init_state(x.shape[0]) if state is None else self._state(state, x.shape[0])
         if self._prepared is None:
             self._prepared = self.backend.prepare(self.params, self.config)

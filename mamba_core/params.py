@@ -32,13 +32,7 @@ def init_params(config: MambaConfig, seed: int = 0) -> dict[str, np.ndarray]:
         raise TypeError(f"seed must be an int, received {type(seed).__name__} {seed!r}")
     rng = np.random.default_rng(seed)
     shapes = param_shapes(config)
-    h, e, n, r, k = (
-        config.hidden_size,
-        config.d_inner,
-        config.d_state,
-        config.dt_rank,
-        config.d_conv,
-    )
+    h, e, n, r, k = config.dims
 
     def uniform(shape, bound):
         return rng.uniform(-bound, bound, size=shape)
