@@ -30,6 +30,9 @@ from bench.worker import SEED
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+# Some machine images set these to work around old OpenBLAS builds; they pin NumPy's current
+# OpenBLAS to its AVX2 kernels.  Benchmarks measure the library, not the workaround.
+DROPPED_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 OURS = ("numpy", "jax", "torch")
 LABEL = {
     "numpy": "mamba-core numpy",
@@ -59,7 +62,8 @@ def lower_bound(machine: dict, batch: int, length: int) -> float:
 
 
 def run_task(task: dict, memory: bool = False, timeout: int = 1800) -> dict:
-    env = {**os.environ, **(MEMORY_ENV if memory else {})}
+    env = {k: v for k, v in os.environ.items() if k not in DROPPED_ENV}
+    env.update(MEMORY_ENV if memory else {})
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "bench.worker", json.dumps(task)],
@@ -197,6 +201,19 @@ def plan(args) -> list[tuple[dict, bool]]:
                 False,
             )
         )
+    # a second round of the headline comparison and of the machine rates, minutes later:
+    # this machine's speed drifts by tens of percent, so each side keeps its best round
+    for task, memory in list(tasks):
+        headline = (
+            task["kind"] == "forward"
+            and task.get("length") == args.seed_length
+            and task.get("scan", "auto") in ("auto", "linear")
+            and task.get("batch") == 2
+            and task.get("repeats") != 2
+            and not memory
+        )
+        if task["kind"] == "machine" or headline:
+            tasks.append(({**task, "round": 2}, memory))
     return tasks
 
 
@@ -209,10 +226,39 @@ def worker_task(task: dict) -> dict:
 
 # ---------------------------------------------------------------- reporting
 def _find(results, **match):
+    """The matching result; of several rounds, the fastest (the machine: the best rates)."""
+    found = [
+        r for r in results if all(r.get(k) == v for k, v in match.items()) and "error" not in r
+    ]
+    if not found:
+        return None
+    if match.get("kind") == "machine":
+        best = dict(found[0])
+        for r in found[1:]:
+            for rate in ("matmul", "exp"):
+                per_lib = f"{rate}_by_library"
+                best[per_lib] = {k: max(v, r[per_lib][k]) for k, v in best[per_lib].items()}
+            best["matmul_gflops"] = max(best["matmul_gflops"], r["matmul_gflops"])
+            best["exp_gps"] = max(best["exp_gps"], r["exp_gps"])
+        return best
+    timed = [r for r in found if "time_s" in r]
+    return min(timed, key=lambda r: r["time_s"]) if timed else found[0]
+
+
+def collapse(results: list[dict]) -> list[dict]:
+    """One result per measurement: repeated rounds merged by `_find` (best round)."""
+    out, seen = [], set()
     for r in results:
-        if all(r.get(k) == v for k, v in match.items()) and "error" not in r:
-            return r
-    return None
+        key = json.dumps({k: v for k, v in r.items() if k in _KEY_FIELDS}, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        match = {k: v for k, v in r.items() if k in _KEY_FIELDS}
+        out.append(_find(results, **match) or r)
+    return out
+
+
+_KEY_FIELDS = ("kind", "impl", "scan", "batch", "length", "repeats", "memory", "context")
 
 
 def summarize(results: list[dict], args) -> dict:
@@ -299,8 +345,10 @@ def write_markdown(results: list[dict], summary: dict, args, path: Path) -> None
         "# Benchmark results",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {m['cpus']} CPUs, "
-        f"matmul {m['matmul_gflops']} GFLOP/s (float32), exp {m['exp_gps']} G/s. "
-        f"Seed config {SEED}, float32, one mixer layer. Times: minimum over repeats, warm.",
+        f"BLAS {m['blas']}. Best float32 matmul {m['matmul_gflops']} GFLOP/s "
+        f"(by library: {m['matmul_by_library']}), best exp {m['exp_gps']} G/s "
+        f"(by library: {m['exp_by_library']}). Seed config {SEED}, float32, one mixer "
+        "layer. Times: minimum over repeats of a warm call (JAX compiles on the first).",
         "",
         f"## Forward, B=2, L={summary['seed_length']}, scan_type=auto",
         "",
@@ -429,6 +477,7 @@ def write_plot(results: list[dict], summary: dict, path: Path) -> None:
 
     machine = summary["machine"]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
+    colors = {impl: f"C{i}" for i, impl in enumerate([*OURS, "torch-compiled", "hf"])}
     for impl in [*OURS, "torch-compiled", "hf"]:
         rows = sorted(
             (
@@ -445,10 +494,11 @@ def write_plot(results: list[dict], summary: dict, path: Path) -> None:
         )
         times = [(r["length"], r["time_s"]) for r in rows if not r.get("memory")]
         mems = [(r["length"], r["peak_mem_mib"]) for r in rows if r.get("memory")]
+        style = {"marker": "o", "color": colors[impl], "label": LABEL[impl]}
         if times:
-            ax_t.plot(*zip(*times, strict=True), marker="o", label=LABEL[impl])
+            ax_t.plot(*zip(*times, strict=True), **style)
         if mems:
-            ax_m.plot(*zip(*mems, strict=True), marker="o", label=LABEL[impl])
+            ax_m.plot(*zip(*mems, strict=True), **style)
     lengths = sorted({r["length"] for r in results if r["kind"] == "forward" and r["batch"] == 2})
     ax_t.plot(lengths, [lower_bound(machine, 2, n) for n in lengths], "k--", label="lower bound")
     for ax, title, unit in ((ax_t, "forward time", "seconds"), (ax_m, "peak memory growth", "MiB")):
@@ -459,6 +509,7 @@ def write_plot(results: list[dict], summary: dict, path: Path) -> None:
         ax.set_title(f"{title}, seed config, float32")
         ax.grid(True, which="both", alpha=0.3)
     ax_t.legend(fontsize=8)
+    ax_m.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -504,12 +555,13 @@ def main(argv=None) -> int:
         if memory:
             result["memory"] = True
         results.append(result)
+    raw, results = results, collapse(results)
     summary = summarize(results, args)
     payload = {
         "args": {k: v for k, v in vars(args).items()},
         "summary": summary,
         "targets": [list(t) for t in targets(summary)],
-        "results": results,
+        "results": raw,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
     }

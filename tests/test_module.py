@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mamba_core import MambaModule, MambaState, available_modules, create_module
+from mamba_core import MambaConfig, MambaModule, MambaState, available_modules, create_module
 from tests.conftest import small_config
 from tests.reference import reference_forward
 from tests.tolerances import assert_close, rel_error, to_np
@@ -291,3 +291,31 @@ def test_metrics_config_and_registry(backend):
 def test_auto_scan_on_cpu_is_linear(backend):
     module = MambaModule(small_config(), backend=backend)
     assert module(np.zeros((1, 3, 16)))["metrics"]["scan_used"] == "linear"
+
+
+@pytest.fixture(scope="module")
+def long_case():
+    """L=16384 at small dims, with dt*A down to about -100 per step on some channels."""
+    cfg = MambaConfig(hidden_size=4, d_state=4, expand_factor=2, dt_rank=2, d_conv=4)
+    from mamba_core import init_params
+
+    params = init_params(cfg, seed=0)
+    params["A_log"] = np.log(np.tile([1.0, 5.0, 12.0, 25.0], (cfg.d_inner, 1)))
+    # softplus(4) ~ 4.02: dt*A ~ -100 on the A = -25 state of the fast channels
+    params["dt_proj.bias"] = np.where(np.arange(cfg.d_inner) % 2 == 0, 4.0, -6.0)
+    x = np.random.default_rng(0).standard_normal((1, 16384, cfg.hidden_size))
+    expected, (_, h_ref) = reference_forward(params, x, cfg)
+    return cfg, params, x, expected, h_ref
+
+
+@pytest.mark.parametrize("scan", SCANS)
+def test_long_sequence_with_large_dt(backend, scan, long_case):
+    cfg, params, x, expected, h_ref = long_case
+    module = MambaModule(cfg.replace(scan_type=scan), backend=backend, state_dict=params)
+    result = module(x)
+    out = to_np(result["output"])
+    assert np.isfinite(out).all()
+    assert_close(out, expected, "float32")
+    assert_close(result["state"].ssm_state, h_ref, "float32")
+    dt_max = np.logaddexp(0, params["dt_proj.bias"]).max()
+    assert dt_max * 25 > 99  # the stress is real
