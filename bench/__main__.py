@@ -247,14 +247,14 @@ def _find(results, **match):
 
 def collapse(results: list[dict]) -> list[dict]:
     """One result per measurement: repeated rounds merged by `_find` (best round)."""
-    out, seen = [], set()
+    groups: dict[str, list[dict]] = {}
     for r in results:
-        key = json.dumps({k: v for k, v in r.items() if k in _KEY_FIELDS}, sort_keys=True)
-        if key in seen:
-            continue
-        seen.add(key)
-        match = {k: v for k, v in r.items() if k in _KEY_FIELDS}
-        out.append(_find(results, **match) or r)
+        key = json.dumps({k: r.get(k) for k in _KEY_FIELDS}, sort_keys=True)
+        groups.setdefault(key, []).append(r)
+    out = []
+    for rows in groups.values():
+        match = {k: rows[0][k] for k in _KEY_FIELDS if k in rows[0]}
+        out.append(_find(rows, **match) or rows[0])
     return out
 
 
