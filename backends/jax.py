@@ -35,7 +35,7 @@ from mamba_core.config import MambaConfig
 from mamba_core.mixer import MambaState, mixer_forward, mixer_step
 from mamba_core.params import to_numpy
 from mamba_core.registry import Backend
-from mamba_core.scan import chunk_cumulative
+from mamba_core.scan import DEFAULT_CHUNK, chunk_cumulative
 
 __all__ = [
     "SCANS",
@@ -94,7 +94,7 @@ _CHUNK_BODIES = {
 
 #: chunk length per algorithm when the config says "auto": XLA fuses a whole chunk, and
 #: `lax.associative_scan` wants long chunks to have parallel work (the TPU path)
-JAX_CHUNK = {"linear": 64, "associative": 64, "cumulative": 4}
+JAX_CHUNK = {**DEFAULT_CHUNK, "associative": 64}
 
 
 def chunk_length(algorithm: str, chunk_size: int | str = "auto") -> int:

@@ -112,7 +112,6 @@ class MambaModule(IModule):
         self.params = self._params_to_backend(weights)
         self._prepared: dict[str, Any] | None = None
         self._calls = 0
-        self._last_metrics: dict[str, Any] = {}
         self.logger.info(
             "MambaModule initialised: hidden=%d d_state=%d backend=%s dtype=%s",
             self.config.hidden_size,
@@ -237,7 +236,6 @@ class MambaModule(IModule):
         output, new_state = self.backend.forward(self.params, x, self.config, st, scan_used)
         metrics = self._metrics(batch, length, scan_used)
         self._calls += 1
-        self._last_metrics = metrics
         return {
             "output": output,
             "metrics": metrics,

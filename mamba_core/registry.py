@@ -17,10 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from .config import MambaConfig
-from .mixer import MambaState
+from .mixer import MambaState, prepare_params
 
 __all__ = [
     "AUTO_ORDER",
@@ -94,11 +92,6 @@ class Backend:
         """A native array from a NumPy array, a native array or any array-like."""
         raise NotImplementedError
 
-    def to_numpy(self, value: Any) -> np.ndarray:
-        from .params import to_numpy
-
-        return to_numpy(value)
-
     def resolve_device(self, device: Any = None):
         """The device to place weights and inputs on (None: the framework default)."""
         if device not in (None, "cpu"):
@@ -130,8 +123,6 @@ class Backend:
 
     def prepare(self, params, config: MambaConfig):
         """Params for `step`, with what a decode loop should not recompute every token."""
-        from .mixer import prepare_params
-
         return prepare_params(params, config, xp=self.xp)
 
     def step(self, prepared, state: MambaState, x_t, config: MambaConfig):
