@@ -28,7 +28,8 @@ from flax import nnx
 
 from mamba_core.checks import check_input_shape
 from mamba_core.config import MambaConfig, resolve_config
-from mamba_core.mixer import MambaState, init_state
+from mamba_core.io import CheckpointWeights
+from mamba_core.mixer import MambaState, init_state, param_shapes
 from mamba_core.params import check_state_dict, init_params, to_numpy
 
 from .jax import forward, step
@@ -58,6 +59,8 @@ class MambaFlax(nnx.Module):
             `MambaModule(config, seed=seed)` on every backend.
         dtype: compute dtype (None: the input's); param_dtype: storage dtype of the weights.
         scan_type: overrides `config.scan_type` ("auto" runs `linear`).
+        state_dict: official-name weights to load instead of initialising (checked first,
+            then each array is placed once; no initialisation is computed).
     """
 
     def __init__(
@@ -69,11 +72,17 @@ class MambaFlax(nnx.Module):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         scan_type: str | None = None,
+        state_dict: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = resolve_config(config)
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.scan_type = scan_type
+        if state_dict is not None:
+            if not isinstance(state_dict, CheckpointWeights):
+                state_dict = check_state_dict(state_dict, self.config)
+            self._assign(state_dict)
+            return
         if seed is None:
             if rngs is None:
                 raise TypeError("MambaFlax needs rngs=nnx.Rngs(...) or seed=<int>")
@@ -82,8 +91,8 @@ class MambaFlax(nnx.Module):
 
     def _assign(self, weights: Mapping[str, np.ndarray]) -> None:
         groups: dict[str, dict[str, Any]] = {name: {} for name in _SUBMODULES}
-        for key, value in weights.items():
-            arr = jnp.asarray(value, dtype=self.param_dtype)
+        for key in param_shapes(self.config):  # one tensor at a time
+            arr = jnp.asarray(weights[key], dtype=self.param_dtype)
             owner, _, leaf = key.partition(".")
             if leaf:
                 groups[owner][leaf] = arr
@@ -99,7 +108,8 @@ class MambaFlax(nnx.Module):
         return {".".join(map(str, path)): var.get_value() for path, var in flat}
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {k: to_numpy(v) for k, v in self.params_dict().items()}
+        """A copy of the weights as NumPy arrays under the official names."""
+        return {k: np.array(to_numpy(v), copy=True) for k, v in self.params_dict().items()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Replace the weights (any array-likes under the official names, checked)."""
@@ -107,17 +117,16 @@ class MambaFlax(nnx.Module):
 
     @classmethod
     def from_state_dict(cls, config, state_dict: Mapping[str, Any], **kwargs) -> MambaFlax:
-        module = cls(config, seed=0, **kwargs)
-        module.load_state_dict(state_dict)
-        return module
+        return cls(config, state_dict=state_dict, **kwargs)
 
     @classmethod
     def from_pretrained(cls, directory, **kwargs) -> MambaFlax:
-        """Load a `MambaModule.save_pretrained` directory (config.json + model.safetensors)."""
+        """Load a `save_pretrained` directory (config.json + model.safetensors), checked
+        before anything is allocated (see `MambaModule.from_pretrained`)."""
         from mamba_core.module import load_pretrained
 
         config, _, weights = load_pretrained(directory)
-        return cls.from_state_dict(config, weights, **kwargs)
+        return cls(config, state_dict=weights, **kwargs)
 
     # ---------------------------------------------------------------- compute
     def _input(self, x, ndim: int, what: str):

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mamba_core.config import MambaConfig
-from mamba_core.mixer import MambaState, mixer_forward, mixer_step
+from mamba_core.mixer import MambaState, mixer_forward, mixer_step, scan_dtype, validate_state
 from mamba_core.params import to_numpy
 from mamba_core.registry import Backend
 from mamba_core.scan import DEFAULT_CHUNK, chunk_cumulative
@@ -134,6 +134,9 @@ SCANS = tuple(_CHUNK_BODIES)
 # ---------------------------------------------------------------- jitted entry points
 _TRACES = {"forward": 0, "step": 0}
 _TRACE_LOCK = threading.Lock()
+# traces made by the current thread: jit traces in the calling thread, so a call compiled
+# iff its own thread's count moved (another thread compiling meanwhile does not count)
+_THREAD_TRACES = threading.local()
 
 
 def trace_count(kind: str = "forward") -> int:
@@ -141,13 +144,33 @@ def trace_count(kind: str = "forward") -> int:
     return _TRACES[kind]
 
 
+def _count_trace(kind: str) -> None:
+    with _TRACE_LOCK:
+        _TRACES[kind] += 1
+    setattr(_THREAD_TRACES, kind, getattr(_THREAD_TRACES, kind, 0) + 1)
+
+
+def _checked_state(state, x, config: MambaConfig, owner: str) -> MambaState | None:
+    """The one state check (`mamba_core.mixer.validate_state`) on static shapes; arrays of
+    another library (NumPy, torch) become JAX arrays of the compute / scan dtype."""
+    if state is None:
+        return None
+    dtypes = {"conv_state": x.dtype, "ssm_state": scan_dtype(x.dtype, config, xp=jnp)}
+
+    def convert(value, field):
+        if not isinstance(value, jax.Array):
+            value = to_numpy(value)
+        return jnp.asarray(value, dtype=dtypes[field])
+
+    return validate_state(state, config, x.shape[0], owner=owner, convert=convert)
+
+
 def _constrain(x, mesh: Mesh | None, spec):
     return x if mesh is None else lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def _forward_impl(params, x, state, config, scan_type, mesh, data_axis, model_axis):
-    with _TRACE_LOCK:
-        _TRACES["forward"] += 1
+    _count_trace("forward")
     algorithm = "linear" if scan_type is None or scan_type == "auto" else scan_type
     scan = chunked_scan(algorithm, config.chunk_size)
     if mesh is not None:
@@ -187,11 +210,13 @@ def forward(
     recompile).  `scan_type` overrides `config.scan_type` ("auto" = "linear" here; the
     adapter resolves "auto" per device).  With a `mesh`, activations are constrained to
     batch-over-`data_axis`, channels-over-`model_axis` shardings (see `shard_params`).
+    `state` may be a `MambaState`, a (conv_state, ssm_state) tuple or a mapping, its arrays
+    of any library; it is checked against the config (shapes, at trace time under jit).
     """
     return _forward_jit(
         params,
         x,
-        state,
+        _checked_state(state, x, config, "mamba_core.backends.jax.forward"),
         config=config,
         scan_type=scan_type if scan_type is not None else config.scan_type,
         mesh=mesh,
@@ -201,8 +226,7 @@ def forward(
 
 
 def _step_impl(params, state, x_t, config):
-    with _TRACE_LOCK:
-        _TRACES["step"] += 1
+    _count_trace("step")
     return mixer_step(params, state, x_t, config, xp=jnp)
 
 
@@ -210,7 +234,9 @@ _step_jit = jax.jit(_step_impl, static_argnames=("config",))
 
 
 def step(params, state: MambaState, x_t, config: MambaConfig):
-    """One decode step: x_t (B, H) -> (y_t (B, H), new state); jit-compiled."""
+    """One decode step: x_t (B, H) -> (y_t (B, H), new state); jit-compiled.  `state` is
+    checked as in `forward`."""
+    state = _checked_state(state, x_t, config, "mamba_core.backends.jax.step")
     return _step_jit(params, state, x_t, config=config)
 
 
@@ -267,7 +293,7 @@ class JaxBackend(Backend):
     xp = jnp
 
     def __init__(self) -> None:
-        self._info: dict[str, Any] = {}
+        self._local = threading.local()  # per-thread metrics of the last call
 
     @property
     def dtypes(self):  # float64 exists only with jax_enable_x64
@@ -343,14 +369,14 @@ class JaxBackend(Backend):
         return chunk_length(algorithm, config.chunk_size)
 
     def _timed(self, kind: str, fn, *args, **kwargs):
-        before = _TRACES[kind]
+        before = getattr(_THREAD_TRACES, kind, 0)
         _compile_clock.active, _compile_clock.total = True, 0.0
         try:
             out = fn(*args, **kwargs)
         finally:
             _compile_clock.active = False
-        compiled = _TRACES[kind] > before
-        self._info = {
+        compiled = getattr(_THREAD_TRACES, kind, 0) > before
+        self._local.info = {
             "jit": True,
             "compiled_now": compiled,
             "compile_time_s": round(_compile_clock.total, 4) if compiled else 0.0,
@@ -365,7 +391,7 @@ class JaxBackend(Backend):
         return self._timed("step", step, params, state, x_t, config)
 
     def call_info(self) -> dict[str, Any]:
-        return dict(self._info)
+        return dict(getattr(self._local, "info", {}))
 
 
 def _is_sharded(arr) -> bool:

@@ -36,7 +36,15 @@ from torch.utils.checkpoint import checkpoint
 
 from mamba_core.checks import check_input_shape
 from mamba_core.config import MambaConfig, resolve_config
-from mamba_core.mixer import MambaState, init_state, mixer_forward, mixer_step
+from mamba_core.io import CheckpointWeights
+from mamba_core.mixer import (
+    MambaState,
+    init_state,
+    mixer_forward,
+    mixer_step,
+    scan_dtype,
+    validate_state,
+)
 from mamba_core.params import check_state_dict, init_params, to_numpy
 from mamba_core.registry import Backend
 from mamba_core.scan import ALGORITHMS, DEFAULT_CHUNK
@@ -327,6 +335,8 @@ class MambaTorch(nn.Module):
             global generator, so `torch.manual_seed` controls it.
         device, dtype: where and in which dtype to create the parameters.
         compile_scan: run the linear scan's chunks as a `torch.compile`-d kernel.
+        state_dict: official-name weights to load instead of initialising (checked first;
+            the parameters are then allocated once, never initialised and overwritten).
     """
 
     def __init__(
@@ -337,13 +347,18 @@ class MambaTorch(nn.Module):
         device: Any = None,
         dtype: torch.dtype | None = None,
         compile_scan: bool = False,
+        state_dict: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         cfg = resolve_config(config)
         self.config = cfg
         self.compile_scan = compile_scan
+        if state_dict is not None and not isinstance(state_dict, CheckpointWeights):
+            state_dict = check_state_dict(state_dict, cfg)  # before anything is allocated
         h, e, n, r, k = cfg.dims
-        kw = {"device": device, "dtype": dtype}
+        target = torch.device(device) if device is not None else None
+        # with weights to load, build on the meta device (no memory) and allocate once
+        kw = {"device": "meta" if state_dict is not None else device, "dtype": dtype}
         self.in_proj = nn.Linear(h, 2 * e, bias=cfg.use_bias, **kw)
         self.conv1d = nn.Conv1d(
             e, e, kernel_size=k, groups=e, padding=k - 1, bias=cfg.use_conv_bias, **kw
@@ -353,9 +368,13 @@ class MambaTorch(nn.Module):
         self.A_log = nn.Parameter(torch.empty(e, n, **kw))
         self.D = nn.Parameter(torch.empty(e, **kw))
         self.out_proj = nn.Linear(e, h, bias=cfg.use_bias, **kw)
+        if state_dict is not None:
+            self.to_empty(device=target or torch.get_default_device())
+            self._copy_in(state_dict)
+            return
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        self.load_official(init_params(cfg, seed))
+        self._copy_in(init_params(cfg, seed))
 
     # -------------------------------------------------------------- weights
     def params_dict(self) -> dict[str, nn.Parameter]:
@@ -363,25 +382,33 @@ class MambaTorch(nn.Module):
         return dict(self.named_parameters())
 
     @torch.no_grad()
+    def _copy_in(self, arrays: Mapping[str, Any]) -> None:
+        for name, param in self.named_parameters():  # one tensor at a time
+            param.copy_(torch.as_tensor(np.asarray(arrays[name]), dtype=param.dtype))
+
     def load_official(self, state_dict: Mapping[str, Any]) -> None:
         """Copy any array-likes (NumPy, JAX, torch) under the official names into the
         parameters, checking every key and shape first (one error lists every problem)."""
-        arrays = check_state_dict(state_dict, self.config)
-        for name, param in self.named_parameters():
-            param.copy_(torch.as_tensor(np.asarray(arrays[name]), dtype=param.dtype))
+        if not isinstance(state_dict, CheckpointWeights):
+            state_dict = check_state_dict(state_dict, self.config)
+        self._copy_in(state_dict)
 
     def numpy_state_dict(self) -> dict[str, np.ndarray]:
-        return {name: to_numpy(p) for name, p in self.params_dict().items()}
+        """A copy of the weights as NumPy arrays under the official names."""
+        return {name: np.array(to_numpy(p), copy=True) for name, p in self.params_dict().items()}
 
     @classmethod
     def from_pretrained(cls, directory, **kwargs) -> MambaTorch:
-        """Load a `MambaModule.save_pretrained` directory (config.json + model.safetensors)."""
+        """Load a `save_pretrained` directory (config.json + model.safetensors).
+
+        The checkpoint is checked (config, every tensor's name, shape and dtype, the file's
+        completeness) before anything is allocated; then each parameter is allocated once
+        and filled from the file, one tensor at a time.
+        """
         from mamba_core.module import load_pretrained
 
         config, _, weights = load_pretrained(directory)
-        module = cls(config, seed=0, **kwargs)
-        module.load_official(weights)
-        return module
+        return cls(config, state_dict=weights, **kwargs)
 
     # -------------------------------------------------------------- compute
     def _check(self, x: Array, ndim: int, what: str) -> None:
@@ -401,9 +428,26 @@ class MambaTorch(nn.Module):
                 f"of them (e.g. module.to({str(x.device)!r}))"
             )
 
+    def _state(self, state: Any, x: Array) -> MambaState:
+        """The one state check (`mamba_core.mixer.validate_state`); arrays of another library
+        or device become tensors on x's device in the compute / scan dtype."""
+        dtypes = {"conv_state": x.dtype, "ssm_state": scan_dtype(x.dtype, self.config, xp=xp_torch)}
+
+        def convert(value, field):
+            if not isinstance(value, torch.Tensor):
+                value = torch.from_numpy(np.array(to_numpy(value), copy=True))
+            return value.to(device=x.device, dtype=dtypes[field])
+
+        return validate_state(state, self.config, x.shape[0], owner="MambaTorch", convert=convert)
+
     def forward(self, x: Array, state: MambaState | None = None, *, return_state: bool = False):
-        """x (B, L, H) -> y (B, L, H) in x's dtype (and the state, with `return_state`)."""
+        """x (B, L, H) -> y (B, L, H) in x's dtype (and the state, with `return_state`).
+
+        `state` may be a `MambaState`, a (conv_state, ssm_state) tuple or a mapping, its
+        arrays of any library; it is checked against the config."""
         self._check(x, 3, "x")
+        if state is not None:
+            state = self._state(state, x)
         y, new_state = torch_forward(
             self.params_dict(), x, self.config, state, compile_scan=self.compile_scan
         )
@@ -414,6 +458,8 @@ class MambaTorch(nn.Module):
         self._check(x_t, 2, "x_t")
         if state is None:
             state = self.init_state(x_t.shape[0], dtype=x_t.dtype)
+        else:
+            state = self._state(state, x_t)
         return torch_step(self.params_dict(), state, x_t, self.config)
 
     def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None) -> MambaState:

@@ -1,8 +1,21 @@
-"""Input checks shared by every entry point: errors say what was expected and what was received."""
+"""Input and state checks shared by every entry point: errors say what was expected and what
+was received.
+
+- `check_input_shape`: an input's rank, last axis and emptiness.
+- `float_numpy`: the one normalisation of a non-native input (a NumPy array, a list, another
+  library's array) into a native-endian NumPy floating array, or a `TypeError`; every backend
+  calls it, so every backend accepts exactly what NumPy accepts.
+- `unpack_state` / `check_state`: the one validation of a decode state (a state NamedTuple,
+  a plain tuple, or a mapping of its fields; arrays of any backend), against the shapes the
+  mixer declares for it.  Under `jax.jit` it runs on the static shapes, at trace time.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 _DOCS = {3: "(batch, seq_len, hidden_size)", 2: "(batch, hidden_size)"}
 
@@ -28,3 +41,107 @@ def check_input_shape(value: Any, ndim: int, hidden_size: int, *, owner: str, wh
         raise ValueError(
             f"{owner} expected {what} with no empty axis {doc}; received {what}.shape={shape}"
         )
+
+
+def float_error(owner: str, what: str, dtype: Any, target: str = "") -> TypeError:
+    """The one message for an input whose dtype is not real floating."""
+    cast = f" (it is cast to {target})" if target else ""
+    return TypeError(
+        f"{owner} expected {what} of a real floating dtype{cast}; received {what}.dtype={dtype}"
+    )
+
+
+def float_numpy(value: Any, *, owner: str, what: str, target: str = "") -> np.ndarray:
+    """A non-native input as a native-endian NumPy floating array (float16/32/64).
+
+    Accepted: any real floating NumPy dtype, in either byte order (`'>f4'` is swapped,
+    `longdouble` becomes float64, which every framework has); torch tensors and JAX arrays
+    of another backend (through `to_numpy`).  Rejected with a `TypeError` naming what was
+    received: integer, bool, complex, object, string, bytes, datetime and structured arrays,
+    and `numpy.ma.MaskedArray` (its mask would be silently dropped).
+    """
+    from .params import to_numpy
+
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(
+            f"{owner} does not accept a numpy.ma.MaskedArray as {what}: its mask would be "
+            f"ignored; pass {what}.filled(0.0) (and an attention_mask, where the entry point "
+            "takes one)"
+        )
+    try:
+        arr = to_numpy(value)
+    except Exception as exc:  # an object that cannot become an array at all
+        raise TypeError(
+            f"{owner} expected {what} as an array of real floating numbers; received "
+            f"{type(value).__name__} ({exc})"
+        ) from None
+    if arr.dtype.kind != "f":
+        raise float_error(owner, what, arr.dtype, target)
+    if arr.dtype.itemsize > 8:  # longdouble: no framework has it
+        arr = arr.astype(np.float64)
+    elif not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return arr
+
+
+def unpack_state(
+    state: Any, fields: tuple[str, ...], *, owner: str, kind: str = "state NamedTuple"
+) -> tuple[Any, ...]:
+    """The arrays of `state`: a NamedTuple with `fields`, a plain tuple of that length, or a
+    mapping with those keys."""
+    if isinstance(state, Mapping):
+        missing = [f for f in fields if f not in state]
+        if missing:
+            raise ValueError(
+                f"{owner}: a state mapping needs the keys {list(fields)}; missing {missing}"
+            )
+        return tuple(state[f] for f in fields)
+    if isinstance(state, tuple) and len(state) == len(fields):
+        return tuple(state)
+    names = ", ".join(fields)
+    raise TypeError(
+        f"{owner}: state must be a {kind}, a ({names}) tuple or a mapping with those "
+        f"keys; received {type(state).__name__}"
+        + (f" of length {len(state)}" if isinstance(state, tuple) else "")
+    )
+
+
+def check_state(
+    state: Any,
+    expected: Mapping[str, tuple[tuple[int, ...], str]],
+    *,
+    owner: str,
+    batch: int,
+    kind: str = "state NamedTuple",
+) -> tuple[Any, ...]:
+    """Validate `state` against `expected` = {field: (shape, meaning)}; return its arrays.
+
+    Every field must be an array of exactly the expected shape and of a real floating dtype.
+    """
+    arrays = unpack_state(state, tuple(expected), owner=owner, kind=kind)
+    for value, (name, (shape, doc)) in zip(arrays, expected.items(), strict=False):
+        if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+            raise TypeError(
+                f"{owner}: state.{name} must be an array of shape {shape} {doc}; received "
+                f"{type(value).__name__}"
+            )
+        received = tuple(value.shape)
+        if received != shape:
+            raise ValueError(
+                f"{owner}: state.{name}: expected shape {shape} {doc} for a batch of {batch}; "
+                f"received state.{name}.shape={received}"
+            )
+        if not _is_real_floating(value):
+            raise float_error(owner, f"state.{name}", value.dtype)
+    return arrays
+
+
+def _is_real_floating(value: Any) -> bool:
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind == "f"
+    try:
+        from array_api_compat import array_namespace
+
+        return bool(array_namespace(value).isdtype(value.dtype, "real floating"))
+    except TypeError:
+        return "float" in str(value.dtype)

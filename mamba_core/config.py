@@ -33,6 +33,7 @@ ACTIVATIONS = ("swish", "silu", "gelu", "relu")
 SCAN_TYPES = ("auto", "linear", "associative", "cumulative")
 #: Keys a `[modules.mamba]` TOML table may carry that are not layer fields.
 _TABLE_ONLY_KEYS = frozenset({"enabled"})
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _is_int(value: Any) -> bool:
@@ -108,6 +109,18 @@ class MambaConfig:
                 f"dt_max={self.dt_max!r} is invalid: expected dt_max >= dt_min "
                 f"(dt_min={self.dt_min!r})"
             )
+        if not errors:  # the initial weights must be finite in float32
+            bounds = {
+                "dt_scale": self.dt_scale / math.sqrt(self.dt_rank),  # dt_proj.weight bound
+                "dt_max": self.dt_max,  # softplus^-1(dt) ~ dt for large dt: dt_proj.bias
+                "dt_init_floor": self.dt_init_floor,
+            }
+            for name, bound in bounds.items():
+                if bound > _FLOAT32_MAX:
+                    errors.append(
+                        f"{name}={getattr(self, name)!r} is invalid: the initial weights it "
+                        f"gives ({bound:.3g}) overflow float32 (max {_FLOAT32_MAX:.3g})"
+                    )
         if errors:
             raise ValueError("invalid MambaConfig: " + "; ".join(errors))
 
@@ -152,8 +165,18 @@ class MambaConfig:
     @classmethod
     def from_toml(cls, path: str | os.PathLike, table: str = "modules.mamba") -> MambaConfig:
         """Read a config from the (dotted) `table` of the TOML file at `path`."""
-        with open(path, "rb") as fh:
-            document = tomllib.load(fh)
+        if not isinstance(table, str):
+            raise TypeError(
+                f"table must be a dotted table name like 'modules.mamba' (a str); received "
+                f"{type(table).__name__} {table!r}"
+            )
+        try:
+            with open(path, "rb") as fh:
+                document = tomllib.load(fh)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{os.fspath(path)!r} is not a UTF-8 TOML file ({exc})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{os.fspath(path)!r} is not valid TOML: {exc}") from None
         node: Any = document
         walked = []
         for part in table.split(".") if table else []:
@@ -173,6 +196,14 @@ class MambaConfig:
     def replace(self, **changes: Any) -> MambaConfig:
         """A copy with some fields changed (validated like a new config)."""
         return type(self).from_dict({**self.to_dict(), **changes})
+
+    def describe(self) -> str:
+        """The sizes that decide the parameter shapes, for error messages."""
+        return (
+            f"hidden_size={self.hidden_size}, d_inner={self.d_inner}, d_state={self.d_state}, "
+            f"dt_rank={self.dt_rank}, d_conv={self.d_conv}, use_bias={self.use_bias}, "
+            f"use_conv_bias={self.use_conv_bias}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

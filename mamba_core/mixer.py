@@ -27,8 +27,9 @@ from typing import Any, NamedTuple
 from array_api_compat import array_namespace
 from array_api_compat import device as _device
 
+from .checks import check_state
 from .config import MambaConfig
-from .ops import activation_fn, causal_conv1d, is_half, linear, softplus
+from .ops import activation_fn, causal_conv1d, is_half, linear, own, softplus
 from .scan import chunk_linear, selective_scan
 
 __all__ = [
@@ -42,6 +43,8 @@ __all__ = [
     "param_shapes",
     "prepare_params",
     "scan_dtype",
+    "state_shapes",
+    "validate_state",
 ]
 
 Array = Any
@@ -97,6 +100,32 @@ class MambaState(NamedTuple):
 
     conv_state: Array
     ssm_state: Array
+
+
+def state_shapes(config: MambaConfig, batch: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{state field: (shape, meaning)} for a batch of `batch` sequences."""
+    e, n, k = config.d_inner, config.d_state, config.d_conv
+    return {
+        "conv_state": ((batch, e, k), "(batch, d_inner, d_conv)"),
+        "ssm_state": ((batch, e, n), "(batch, d_inner, d_state)"),
+    }
+
+
+def validate_state(
+    state: Any, config: MambaConfig, batch: int, *, owner: str, convert: Callable | None = None
+) -> MambaState:
+    """The one state check of every entry point (see `mamba_core.checks.check_state`).
+
+    `state` may be a `MambaState`, a plain (conv_state, ssm_state) tuple or a mapping with
+    those keys, its arrays of any backend; `convert(array, field)` brings each to the
+    caller's library, dtype and device.
+    """
+    arrays = check_state(
+        state, state_shapes(config, batch), owner=owner, batch=batch, kind="MambaState"
+    )
+    if convert is not None:
+        arrays = tuple(convert(a, f) for a, f in zip(arrays, MambaState._fields, strict=False))
+    return MambaState(*arrays)
 
 
 def scan_dtype(dtype, config: MambaConfig, *, xp):
@@ -193,7 +222,7 @@ def mixer_forward(
     y = y + u_s * _cast(params["D"], sdtype, xp)
     y = _cast(y, dtype, xp) * act(z, xp=xp)
     out = linear(y, p("out_proj.weight"), p("out_proj.bias") if config.use_bias else None, xp=xp)
-    return out, MambaState(new_conv_state, h)
+    return out, MambaState(new_conv_state, own(h, xp=xp))
 
 
 def _step_scan(u, dt, A, Bm, Cm, h0):

@@ -13,7 +13,6 @@ input returned as output: a result that is returned is always a real Mamba outpu
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from abc import ABC, abstractmethod
@@ -22,9 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from .checks import check_input_shape
+from .checks import check_input_shape, float_error, float_numpy
 from .config import MambaConfig, resolve_config
-from .mixer import MambaState, init_state, param_shapes, scan_dtype
+from .io import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, CheckpointWeights, read_checkpoint
+from .io import write_checkpoint as _write_checkpoint
+from .mixer import MambaState, init_state, param_shapes, scan_dtype, validate_state
 from .params import check_state_dict, init_params, to_numpy
 from .registry import Backend, backend_installed, get_backend
 
@@ -33,9 +34,9 @@ __all__ = ["IModule", "MambaModule", "available_modules", "create_module"]
 logger = logging.getLogger("mamba_core")
 
 DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
+#: what `dtype=None` means (also for a checkpoint whose config.json says "dtype": null)
+DEFAULT_DTYPE = "float32"
+__all__ += ["CONFIG_FILE", "FORMAT_VERSION", "WEIGHTS_FILE"]
 
 
 class IModule(ABC):
@@ -51,6 +52,8 @@ class IModule(ABC):
 
 
 def _dtype_name(dtype: Any) -> str:
+    if dtype is None:
+        return DEFAULT_DTYPE
     if isinstance(dtype, str):
         name = dtype
     else:
@@ -74,8 +77,8 @@ class MambaModule(IModule):
         config: a `MambaConfig`, a dict of its fields (the TOML key `enabled` is ignored) or
             None for the defaults.
         backend: "auto" (JAX, then PyTorch, then NumPy), "numpy", "jax" or "torch".
-        dtype: "float32" (default), "float64", "bfloat16" or "float16" (where the backend
-            has it); inputs of another floating precision are cast to it.
+        dtype: "float32" (default; also what None means), "float64", "bfloat16" or "float16"
+            (where the backend has it); inputs of another floating precision are cast to it.
         seed: initialisation seed; the same seed gives the same weights on every backend.
         allow_fallback: when the requested backend's framework is missing, run on NumPy with
             a warning (True) or raise `ImportError` (False).
@@ -96,6 +99,11 @@ class MambaModule(IModule):
         state_dict: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = resolve_config(config)
+        if not isinstance(allow_fallback, bool):
+            raise TypeError(
+                f"allow_fallback must be a bool (True or False); received "
+                f"{type(allow_fallback).__name__} {allow_fallback!r}"
+            )
         self.logger = logger
         self.backend: Backend
         self.backend, self.resolution = get_backend(backend, allow_fallback=allow_fallback)
@@ -104,12 +112,12 @@ class MambaModule(IModule):
         self._device = self.backend.resolve_device(device)
         self.d_inner = self.config.d_inner
         self.seed = seed
-        weights = (
-            check_state_dict(state_dict, self.config)
-            if state_dict is not None
-            else init_params(self.config, seed)
-        )
-        self.params = self._params_to_backend(weights)
+        if isinstance(state_dict, CheckpointWeights):  # checked by read_checkpoint, owned
+            self.params = self._params_to_backend(state_dict, copy=False)
+        elif state_dict is not None:
+            self.params = self._params_to_backend(check_state_dict(state_dict, self.config))
+        else:
+            self.params = self._params_to_backend(init_params(self.config, seed), copy=False)
         self._prepared: dict[str, Any] | None = None
         self._calls = 0
         self.logger.info(
@@ -129,24 +137,29 @@ class MambaModule(IModule):
     def device(self) -> str:
         return self.backend.device_of(next(iter(self.params.values())))
 
-    def _params_to_backend(self, weights: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        return {
-            name: self.backend.asarray(np.array(value, copy=True), self._dtype, self._device)
-            for name, value in weights.items()
-        }
+    def _params_to_backend(self, weights: Mapping[str, Any], *, copy: bool = True) -> dict:
+        """Backend arrays of `weights`, one tensor at a time (a checkpoint's tensors are read
+        here, so loading holds one model plus one tensor, never two models); `copy` keeps
+        caller-owned arrays from being aliased."""
+        out = {}
+        for name in param_shapes(self.config):
+            value = weights[name]
+            out[name] = self.backend.asarray(
+                np.array(value, copy=True) if copy else value, self._dtype, self._device
+            )
+        return out
 
     def _scan_dtype(self):
         return scan_dtype(self._dtype, self.config, xp=self.backend.xp)
 
     def _native_float(self, value: Any, what: str):
-        """`value` as a backend array, checked to be of a real floating dtype."""
-        native = value if self.backend.is_native(value) else self.backend.asarray(value)
-        if not self.backend.xp.isdtype(native.dtype, "real floating"):
-            raise TypeError(
-                f"MambaModule expected {what} of a real floating dtype (it is cast to "
-                f"{self.dtype}); received {what}.dtype={value.dtype}"
-            )
-        return native
+        """`value` as a backend array of a real floating dtype (one normalisation for every
+        backend: `mamba_core.checks.float_numpy` for anything not native)."""
+        if not self.backend.is_native(value):
+            return float_numpy(value, owner="MambaModule", what=what, target=self.dtype)
+        if not self.backend.xp.isdtype(value.dtype, "real floating"):
+            raise float_error("MambaModule", what, value.dtype, self.dtype)
+        return value
 
     def _array(self, value: Any, what: str, ndim: int):
         """Validate an input array and bring it to the backend, dtype and device."""
@@ -154,37 +167,12 @@ class MambaModule(IModule):
         return self.backend.asarray(self._native_float(value, what), self._dtype, self._device)
 
     def _state(self, state: Any, batch: int) -> MambaState:
-        if isinstance(state, Mapping):
-            try:
-                conv, ssm = state["conv_state"], state["ssm_state"]
-            except KeyError as exc:
-                raise ValueError(
-                    f"a state mapping needs keys 'conv_state' and 'ssm_state'; missing {exc}"
-                ) from None
-        elif isinstance(state, tuple) and len(state) == 2:
-            conv, ssm = state
-        else:
-            raise TypeError(
-                "state must be a MambaState (or a (conv_state, ssm_state) pair); received "
-                f"{type(state).__name__}"
-            )
-        e, k, n = self.config.d_inner, self.config.d_conv, self.config.d_state
-        expected = {
-            "conv_state": ((batch, e, k), "(batch, d_inner, d_conv)", conv),
-            "ssm_state": ((batch, e, n), "(batch, d_inner, d_state)", ssm),
-        }
-        out = {}
-        for name, (shape, doc, value) in expected.items():
-            received = tuple(getattr(value, "shape", ()))
-            if not hasattr(value, "shape") or received != shape:
-                raise ValueError(
-                    f"state.{name}: expected shape {shape} {doc} for a batch of {batch}; "
-                    f"received {received if hasattr(value, 'shape') else type(value).__name__}"
-                )
-            native = self._native_float(value, f"state.{name}")
-            dtype = self._dtype if name == "conv_state" else self._scan_dtype()
-            out[name] = self.backend.asarray(native, dtype, self._device)
-        return MambaState(out["conv_state"], out["ssm_state"])
+        def convert(value, field):
+            dtype = self._scan_dtype() if field == "ssm_state" else self._dtype
+            native = self._native_float(value, f"state.{field}")
+            return self.backend.asarray(native, dtype, self._device)
+
+        return validate_state(state, self.config, batch, owner="MambaModule", convert=convert)
 
     def _scan_used(self) -> str:
         if self.config.scan_type != "auto":
@@ -326,11 +314,12 @@ class MambaModule(IModule):
         return int(sum(int(np.prod(s)) for s in param_shapes(self.config).values()))
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """The weights as NumPy arrays under the official / HuggingFace keys.
+        """A copy of the weights as NumPy arrays under the official / HuggingFace keys
+        (writing into it never changes the module).
 
         bfloat16 weights come back as float32 (NumPy has no bfloat16; the widening is exact).
         """
-        return {name: to_numpy(value) for name, value in self.params.items()}
+        return {name: np.array(to_numpy(value), copy=True) for name, value in self.params.items()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Replace the weights; any array-likes, checked key by key and shape by shape."""
@@ -338,25 +327,23 @@ class MambaModule(IModule):
         self._prepared = None
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write `config.json` and `model.safetensors` (no pickle) into `directory`."""
-        save_file = _safetensors().save_file
-        os.makedirs(directory, exist_ok=True)
-        meta = {
-            "format": "mamba-core",
-            "format_version": FORMAT_VERSION,
-            "dtype": self.dtype,
-            "config": self.config.to_dict(),
-        }
-        with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, indent=2, sort_keys=True)
-        tensors = {k: np.ascontiguousarray(v) for k, v in self.state_dict().items()}
-        save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "np"})
+        """Write `config.json` and `model.safetensors` (no pickle) into `directory`.
+
+        Crash-safe: after any interruption the directory holds the complete old checkpoint
+        or the complete new one (see `mamba_core.io`).
+        """
+        tensors = {name: to_numpy(value) for name, value in self.params.items()}
+        _write_checkpoint(directory, self.config, self.dtype, tensors)
 
     @classmethod
     def from_pretrained(
         cls, directory: str | os.PathLike, backend: str = "auto", dtype: Any = None, **kwargs
     ) -> MambaModule:
-        """Load a `save_pretrained` directory on any backend (dtype defaults to the saved one)."""
+        """Load a `save_pretrained` directory on any backend (dtype defaults to the saved one).
+
+        The checkpoint is checked (config, every tensor's name, shape and dtype, the file's
+        completeness) before any weight is read.
+        """
         config, saved_dtype, weights = load_pretrained(directory)
         return cls(
             config,
@@ -367,23 +354,15 @@ class MambaModule(IModule):
         )
 
 
-def load_pretrained(directory: str | os.PathLike) -> tuple[MambaConfig, str, dict[str, Any]]:
-    """(config, dtype name, NumPy weights) from a `save_pretrained` directory."""
-    load_file = _safetensors().load_file
-    cfg_path = os.path.join(directory, CONFIG_FILE)
-    weights_path = os.path.join(directory, WEIGHTS_FILE)
-    for path in (cfg_path, weights_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path!r} not found: a pretrained directory holds {CONFIG_FILE} and "
-                f"{WEIGHTS_FILE} (written by MambaModule.save_pretrained)"
-            )
-    with open(cfg_path, encoding="utf-8") as fh:
-        meta = json.load(fh)
-    if not isinstance(meta, dict) or "config" not in meta:
-        raise ValueError(f"{cfg_path!r} is not a mamba-core config (no 'config' entry)")
-    config = MambaConfig.from_dict(meta["config"])
-    return config, meta.get("dtype", "float32"), load_file(weights_path)
+def load_pretrained(
+    directory: str | os.PathLike,
+) -> tuple[MambaConfig, str, CheckpointWeights]:
+    """(config, dtype name, weights) of a `save_pretrained` directory.
+
+    Everything is checked before a weight is read; the weights are a mapping that reads each
+    tensor from disk when it is asked for (`mamba_core.io.CheckpointWeights`).
+    """
+    return read_checkpoint(directory, param_shapes)
 
 
 def _installed(module: str) -> bool:
@@ -393,17 +372,6 @@ def _installed(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
-
-
-def _safetensors():
-    try:
-        import safetensors.numpy as st
-    except ImportError:
-        raise ImportError(
-            "saving and loading weights needs the 'safetensors' package: "
-            "pip install 'mamba-core[io]'"
-        ) from None
-    return st
 
 
 _MODULE_OPTIONS = ("backend", "dtype", "seed", "allow_fallback", "device", "state_dict")

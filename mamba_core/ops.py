@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, is_jax_array, is_numpy_array, is_torch_array
 from array_api_compat import device as _device
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "gelu_tanh",
     "is_half",
     "linear",
+    "own",
     "relu",
     "silu",
     "softplus",
@@ -32,6 +33,23 @@ Array = Any
 
 def _ns(xp, *arrays):
     return xp if xp is not None else array_namespace(*arrays)
+
+
+def own(a: Array, *, xp=None) -> Array:
+    """`a` holding exactly its own memory: a copy when it is a view into a larger buffer.
+
+    A decode state must not keep the (B, L, ...) buffer it was sliced from alive (a server
+    caching one state per prompt would pay O(L) for each); arrays that already own their
+    memory are returned as they are (no copy per decode step).
+    """
+    if is_numpy_array(a):
+        return a if a.base is None else a.copy()
+    if is_torch_array(a):
+        return a if a._base is None else a.clone()
+    if is_jax_array(a):  # immutable buffers: a slice is never a view
+        return a
+    xp = _ns(xp, a)
+    return xp.asarray(a, copy=True)
 
 
 def is_half(dtype, *, xp) -> bool:
@@ -131,5 +149,5 @@ def causal_conv1d(
         out = out + xpad[:, j : j + length, :] * w[:, j]
     if bias is not None:
         out = out + bias
-    new_state = xp.permute_dims(xpad[:, length - 1 :, :], (0, 2, 1))  # (B, E, K)
+    new_state = own(xp.permute_dims(xpad[:, length - 1 :, :], (0, 2, 1)), xp=xp)  # (B, E, K)
     return out, new_state

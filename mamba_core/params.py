@@ -30,6 +30,8 @@ def init_params(config: MambaConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """Official-scheme parameters as float64 NumPy arrays, keyed by official names."""
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, received {type(seed).__name__} {seed!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative int (0, 1, 2, ...), received {seed!r}")
     rng = np.random.default_rng(seed)
     shapes = param_shapes(config)
     h, e, n, r, k = config.dims
@@ -76,6 +78,44 @@ def to_numpy(value: Any) -> np.ndarray:
     return out
 
 
+def _is_float_name(dtype: str) -> bool:
+    return dtype in ("float16", "bfloat16", "float32", "float64")
+
+
+def raise_mismatch(
+    found: Mapping[str, tuple[tuple[int, ...], str]],
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    config: MambaConfig,
+    source: str | None = None,
+) -> None:
+    """Compare {name: (shape, dtype name)} with the expected {name: shape}; raise one
+    `ValueError` listing every missing key, unexpected key and shape or dtype mismatch."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    problems = []
+    for name, shape in expected.items():
+        if name not in found:
+            continue
+        got_shape, got_dtype = found[name]
+        if tuple(got_shape) != tuple(shape):
+            problems.append(f"{name}: expected shape {shape}, received {tuple(got_shape)}")
+        elif not _is_float_name(got_dtype):
+            problems.append(f"{name}: expected a floating dtype, received {got_dtype}")
+    if missing or unexpected or problems:
+        where = f" {source!r}" if source else ""
+        lines = [f"state dict{where} does not match the config:"]
+        if missing:
+            lines.append(f"  missing keys: {missing}")
+        if unexpected:
+            lines.append(f"  unexpected keys: {unexpected}")
+        if problems:
+            lines.append("  shape/dtype mismatches:")
+            lines.extend(f"    {p}" for p in problems)
+        lines.append(f"  (config: {config.describe()})")
+        raise ValueError("\n".join(lines))
+
+
 def check_state_dict(state_dict: Mapping[str, Any], config: MambaConfig) -> dict[str, np.ndarray]:
     """Validate keys and shapes against `config`; return NumPy arrays in official order.
 
@@ -88,32 +128,10 @@ def check_state_dict(state_dict: Mapping[str, Any], config: MambaConfig) -> dict
             f"{type(state_dict).__name__}"
         )
     expected = param_shapes(config)
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    problems = []
-    arrays: dict[str, np.ndarray] = {}
-    for name, shape in expected.items():
-        if name not in state_dict:
-            continue
-        arr = to_numpy(state_dict[name])
-        if tuple(arr.shape) != shape:
-            problems.append(f"{name}: expected shape {shape}, received {tuple(arr.shape)}")
-        elif not np.issubdtype(arr.dtype, np.floating):
-            problems.append(f"{name}: expected a floating dtype, received {arr.dtype}")
-        arrays[name] = arr
-    if missing or unexpected or problems:
-        lines = ["state dict does not match the config:"]
-        if missing:
-            lines.append(f"  missing keys: {missing}")
-        if unexpected:
-            lines.append(f"  unexpected keys: {unexpected}")
-        if problems:
-            lines.append("  shape/dtype mismatches:")
-            lines.extend(f"    {p}" for p in problems)
-        lines.append(
-            f"  (config: hidden_size={config.hidden_size}, d_inner={config.d_inner}, "
-            f"d_state={config.d_state}, dt_rank={config.dt_rank}, d_conv={config.d_conv}, "
-            f"use_bias={config.use_bias}, use_conv_bias={config.use_conv_bias})"
-        )
-        raise ValueError("\n".join(lines))
-    return arrays
+    arrays = {name: to_numpy(value) for name, value in state_dict.items()}
+    found = {
+        name: (tuple(a.shape), a.dtype.name if a.dtype.kind == "f" else str(a.dtype))
+        for name, a in arrays.items()
+    }
+    raise_mismatch(found, expected, config=config)
+    return {name: arrays[name] for name in expected}

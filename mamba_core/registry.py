@@ -172,30 +172,46 @@ def _load(name: str) -> Backend:
 def get_backend(name: str = "auto", *, allow_fallback: bool = True) -> tuple[Backend, Resolution]:
     """The backend called `name` and how it was resolved.
 
-    "auto" picks the first installed of `AUTO_ORDER`.  A known backend whose framework
-    cannot be imported falls back to NumPy with a `RuntimeWarning` (its message starts with
-    the upstream text "Usando implementación fallback de Mamba"), or raises `ImportError`
-    naming the pip extra when `allow_fallback=False`.
+    "auto" picks the first installed of `AUTO_ORDER` that imports; one that is installed but
+    broken (its import raises anything: a jax/jaxlib mismatch, a missing shared library) is
+    skipped with a `RuntimeWarning` naming it and the error.  A named backend whose
+    framework is not installed falls back to NumPy with a `RuntimeWarning` (its message
+    starts with the upstream text "Usando implementación fallback de Mamba"), or raises
+    `ImportError` naming the pip extra when `allow_fallback=False`.  A named backend that is
+    installed but broken raises `ImportError` naming the framework and the cause: a broken
+    installation is for the user to repair, not to run around silently.
     """
+    if not isinstance(allow_fallback, bool):
+        raise TypeError(
+            f"allow_fallback must be a bool (True or False); received "
+            f"{type(allow_fallback).__name__} {allow_fallback!r}"
+        )
     if name == "auto":
         for candidate in AUTO_ORDER:
             if backend_installed(candidate):
                 try:
                     return _load(candidate), Resolution("auto", candidate, False, None)
-                except ImportError as exc:  # installed but broken: try the next one
-                    logger.warning(
-                        "backend %r is installed but failed to import: %s", candidate, exc
+                except Exception as exc:  # installed but broken: try the next one
+                    message = (
+                        f"backend {candidate!r} is installed but importing "
+                        f"'{BACKENDS[candidate].framework}' failed "
+                        f"({type(exc).__name__}: {exc}); trying the next backend"
                     )
+                    warnings.warn(message, RuntimeWarning, stacklevel=2)
+                    logger.warning(message)
         raise ImportError("no backend could be imported (NumPy itself failed)")
     spec = _spec(name)
-    reason = None
     if backend_installed(name):
         try:
             return _load(name), Resolution(name, name, False, None)
-        except ImportError as exc:
-            reason = f"importing it failed: {exc}"
-    else:
-        reason = f"the '{spec.framework}' package is not installed"
+        except Exception as exc:
+            raise ImportError(
+                f"backend {name!r} is installed but broken: importing '{spec.framework}' "
+                f"failed ({type(exc).__name__}: {exc}). Repair the installation (e.g. "
+                f"pip install --force-reinstall 'mamba-core[{spec.extra or 'all'}]') or pick "
+                "another backend"
+            ) from exc
+    reason = f"the '{spec.framework}' package is not installed"
     install = f"pip install 'mamba-core[{spec.extra}]'" if spec.extra else "pip install numpy"
     if not allow_fallback:
         raise ImportError(
