@@ -3,10 +3,14 @@
 A checkpoint directory holds `config.json` and `model.safetensors` (never a pickle).
 
 Saving is crash-safe: each file is written to an unnamed temporary file in the same
-directory (`O_TMPFILE` on Linux; elsewhere a hidden `.NAME.PID.*.tmp` that the next save
-removes), flushed to disk, then renamed over the old one (`os.replace`, atomic), weights
-first.  The weights file's metadata carries the whole config and a `save_id` that
-`config.json` repeats, so the two files are bound: if a save is interrupted between the two
+directory (`O_TMPFILE` on Linux), flushed to disk, and only then given a hidden name
+`.NAME.PID.*.tmp` and renamed over the old one (`os.replace`, atomic), weights first.  A
+process killed in the sub-millisecond between those two calls (or, where `O_TMPFILE` is
+missing, at any time during the write) leaves that hidden file behind; the next save or load
+of the directory removes the ones whose process has ended.
+
+The weights file's metadata carries the whole config and a `save_id` that `config.json`
+repeats, so the two files are bound: if a save is interrupted between the two
 renames, the loader sees the mismatch and takes the config stored with the weights.  After
 any interruption the directory therefore loads the complete old checkpoint or the complete
 new one, never a mix.  Files get the modes the user's umask gives.
@@ -218,6 +222,10 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, str], di
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
         head = fh.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        plausible = length is not None and length <= min(size - 8, _MAX_HEADER)
+        raw = fh.read(length) if plausible else b""
+    if not raw.startswith(b"{"):  # a safetensors header is a JSON object: say what it is
         if head[:4] == b"PK\x03\x04":
             raise CheckpointError(
                 f"{path!r} is not a safetensors file (looks like a zip archive, e.g. a "
@@ -230,18 +238,16 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, str], di
                 "unpickled: convert it with torch.load(path, weights_only=True) and "
                 "safetensors.torch.save_file(...)"
             )
-        if len(head) < 8:
+        if length is None:
             raise CheckpointError(
                 f"{path!r} is not a safetensors file: {size} bytes, shorter than the 8-byte "
                 "header length (truncated?)"
             )
-        (length,) = struct.unpack("<Q", head)
-        if length > min(size - 8, _MAX_HEADER):
+        if not plausible:
             raise CheckpointError(
                 f"{path!r} is not a complete safetensors file: its header claims {length} bytes "
                 f"but the file has {size} (truncated, or not a safetensors file)"
             )
-        raw = fh.read(length)
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
@@ -249,7 +255,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, str], di
     except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
         raise CheckpointError(f"{path!r} has a corrupt safetensors header ({exc})") from None
     metadata = header.pop("__metadata__", None) or {}
-    data_size = size - 8 - length
+    data_size = size - 8 - len(raw)
     end = 0
     for name, info in header.items():
         try:
@@ -355,6 +361,8 @@ def read_checkpoint(
     directory = os.fspath(directory)
     cfg_path = os.path.join(directory, CONFIG_FILE)
     weights_path = os.path.join(directory, WEIGHTS_FILE)
+    with contextlib.suppress(OSError):  # a read-only directory stays as it is
+        _remove_stale_temporaries(directory)
     if not os.path.isfile(weights_path):
         raise FileNotFoundError(
             f"{weights_path!r} not found: a pretrained directory holds {CONFIG_FILE} and "

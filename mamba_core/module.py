@@ -155,7 +155,7 @@ class MambaModule(IModule):
     def _native_float(self, value: Any, what: str):
         """`value` as a backend array of a real floating dtype (one normalisation for every
         backend: `mamba_core.checks.float_numpy` for anything not native)."""
-        if not self.backend.is_native(value):
+        if not self.backend.is_native(value) or isinstance(value, np.ma.MaskedArray):
             return float_numpy(value, owner="MambaModule", what=what, target=self.dtype)
         if not self.backend.xp.isdtype(value.dtype, "real floating"):
             raise float_error("MambaModule", what, value.dtype, self.dtype)
