@@ -45,9 +45,6 @@ class _Params(nnx.Module):
             setattr(self, name, nnx.Param(value))
 
 
-_SUBMODULES = ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj")
-
-
 class MambaFlax(nnx.Module):
     """One Mamba mixer as a Flax NNX module.
 
@@ -90,12 +87,12 @@ class MambaFlax(nnx.Module):
         self._assign(init_params(self.config, seed))
 
     def _assign(self, weights: Mapping[str, np.ndarray]) -> None:
-        groups: dict[str, dict[str, Any]] = {name: {} for name in _SUBMODULES}
+        groups: dict[str, dict[str, Any]] = {}
         for key in param_shapes(self.config):  # one tensor at a time
             arr = jnp.asarray(weights[key], dtype=self.param_dtype)
             owner, _, leaf = key.partition(".")
             if leaf:
-                groups[owner][leaf] = arr
+                groups.setdefault(owner, {})[leaf] = arr
             else:
                 setattr(self, key, nnx.Param(arr))
         for owner, arrays in groups.items():

@@ -32,10 +32,19 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mamba_core.config import MambaConfig
-from mamba_core.mixer import MambaState, mixer_forward, mixer_step, scan_dtype, validate_state
+from mamba_core.mixer import (
+    MambaState,
+    mixer_forward,
+    mixer_step,
+    scan_dtype,
+    state_dtype_field,
+    validate_state,
+)
+from mamba_core.mixers import mixer_for
 from mamba_core.params import to_numpy
 from mamba_core.registry import Backend
 from mamba_core.scan import DEFAULT_CHUNK, chunk_cumulative
+from mamba_core.ssd import SSD_DEFAULT_CHUNK, ssd_chunk_associative, ssd_chunk_cumulative
 
 __all__ = [
     "SCANS",
@@ -95,10 +104,12 @@ _CHUNK_BODIES = {
 #: chunk length per algorithm when the config says "auto": XLA fuses a whole chunk, and
 #: `lax.associative_scan` wants long chunks to have parallel work (the TPU path)
 JAX_CHUNK = {**DEFAULT_CHUNK, "associative": 64}
+#: the same per mixer version (Mamba-2: the core's SSD defaults)
+_JAX_CHUNKS = {"mamba1": JAX_CHUNK, "mamba2": SSD_DEFAULT_CHUNK}
 
 
-def chunk_length(algorithm: str, chunk_size: int | str = "auto") -> int:
-    return JAX_CHUNK[algorithm] if chunk_size == "auto" else int(chunk_size)
+def chunk_length(algorithm: str, chunk_size: int | str = "auto", version: str = "mamba1") -> int:
+    return _JAX_CHUNKS[version][algorithm] if chunk_size == "auto" else int(chunk_size)
 
 
 def chunked_scan(algorithm: str, chunk_size: int | str = "auto"):
@@ -131,6 +142,78 @@ def chunked_scan(algorithm: str, chunk_size: int | str = "auto"):
 
 SCANS = tuple(_CHUNK_BODIES)
 
+
+# ---------------------------------------------------------------- the Mamba-2 (SSD) scans
+# Each takes the state S (B,H,P,N) and one batch-major chunk: dt (B,T,H), x (B,T,H,P),
+# Bm, Cm (B,T,G,N), plus A (H,); returns y (B,T,H,P) and the state after the chunk.
+
+
+def _ssd_linear(S, dt, x, Bm, Cm, A):
+    heads = A.shape[0]
+    rep = heads // Bm.shape[2]
+    bh, ch = jnp.repeat(Bm, rep, axis=2), jnp.repeat(Cm, rep, axis=2)
+
+    def one_step(S, xs):
+        d, dx, b, c = xs
+        S = jnp.exp(d * A)[..., None, None] * S + dx[..., None] * b[:, :, None, :]
+        return S, jnp.einsum("bhpn,bhn->bhp", S, c)
+
+    t = functools.partial(jnp.swapaxes, axis1=0, axis2=1)
+    S, y = lax.scan(one_step, S, (t(dt), t(dt[..., None] * x), t(bh), t(ch)))
+    return t(y), S
+
+
+def _ssd_associative(S, dt, x, Bm, Cm, A):
+    heads = A.shape[0]
+    rep = heads // Bm.shape[2]
+    bh, ch = jnp.repeat(Bm, rep, axis=2), jnp.repeat(Cm, rep, axis=2)
+    a = jnp.broadcast_to(jnp.exp(dt * A)[..., None, None], (*x.shape, 1))
+    b = (dt[..., None] * x)[..., None] * bh[:, :, :, None, :]
+    a_cum, b_cum = lax.associative_scan(_combine, (a, b), axis=1)
+    hs = a_cum * S[:, None] + b_cum
+    return jnp.einsum("bthpn,bthn->bthp", hs, ch), hs[:, -1]
+
+
+_SSD_BODIES = {
+    "linear": _ssd_linear,
+    "associative": _ssd_associative,
+    "cumulative": functools.partial(ssd_chunk_cumulative, xp=jnp),
+}
+del ssd_chunk_associative  # the core's version is the reference; JAX uses lax's scan
+
+
+def ssd_chunked_scan(algorithm: str, chunk_size: int | str = "auto"):
+    """A Mamba-2 `scan(x, dt, A, Bm, Cm, S0) -> (y, S)` running `algorithm` chunk by chunk:
+    `lax.scan` over chunks, each `jax.checkpoint`-ed (one state per chunk kept for the
+    backward pass).  A ragged tail is padded with dt = 0 steps (decay 1, input 0)."""
+    body_fn = _SSD_BODIES[algorithm]
+
+    def scan(x, dt, A, Bm, Cm, S0):
+        batch, length = dt.shape
+        size = min(chunk_length(algorithm, chunk_size, "mamba2"), length)
+        chunks = math.ceil(length / size)
+        pad = chunks * size - length
+
+        def split(a):  # (B,L,...) -> (chunks, B, T, ...)
+            if pad:
+                a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
+            return jnp.moveaxis(a.reshape((batch, chunks, size, *a.shape[2:])), 1, 0)
+
+        @jax.checkpoint
+        def body(S, xs):
+            y, S = body_fn(S, *xs, A)
+            return S, y
+
+        S, ys = lax.scan(body, S0, tuple(map(split, (dt, x, Bm, Cm))))
+        y = jnp.moveaxis(ys, 0, 1).reshape((batch, chunks * size, *ys.shape[3:]))
+        return y[:, :length], S
+
+    return scan
+
+
+#: mixer version -> the builder of its chunked JAX scans
+_SCAN_BUILDERS = {"mamba1": chunked_scan, "mamba2": ssd_chunked_scan}
+
 # ---------------------------------------------------------------- jitted entry points
 _TRACES = {"forward": 0, "step": 0}
 _TRACE_LOCK = threading.Lock()
@@ -155,12 +238,12 @@ def _checked_state(state, x, config: MambaConfig, owner: str) -> MambaState | No
     another library (NumPy, torch) become JAX arrays of the compute / scan dtype."""
     if state is None:
         return None
-    dtypes = {"conv_state": x.dtype, "ssm_state": scan_dtype(x.dtype, config, xp=jnp)}
+    sdtype = scan_dtype(x.dtype, config, xp=jnp)
 
     def convert(value, field):
         if not isinstance(value, jax.Array):
             value = to_numpy(value)
-        return jnp.asarray(value, dtype=dtypes[field])
+        return jnp.asarray(value, dtype=sdtype if state_dtype_field(config, field) else x.dtype)
 
     return validate_state(state, config, x.shape[0], owner=owner, convert=convert)
 
@@ -171,18 +254,24 @@ def _constrain(x, mesh: Mesh | None, spec):
 
 def _forward_impl(params, x, state, config, scan_type, mesh, data_axis, model_axis):
     _count_trace("forward")
-    algorithm = "linear" if scan_type is None or scan_type == "auto" else scan_type
-    scan = chunked_scan(algorithm, config.chunk_size)
+    if scan_type is None or scan_type == "auto":
+        scan_type = mixer_for(config).auto_scan("jax", jax.default_backend(), config)
+    scan = _SCAN_BUILDERS[config.version](scan_type, config.chunk_size)
     if mesh is not None:
         x = _constrain(x, mesh, P(data_axis, None, None))
         inner = scan
 
-        def scan(u, dt, A, Bm, Cm, h0):  # channels are independent: shard E
-            spec_e = P(data_axis, None, model_axis)
-            u, dt = _constrain(u, mesh, spec_e), _constrain(dt, mesh, spec_e)
-            h0 = _constrain(h0, mesh, P(data_axis, model_axis, None))
+        def seq(a):  # (B, L, channels-or-heads, ...): shard axis 2
+            return P(data_axis, None, model_axis, *([None] * (a.ndim - 3)))
+
+        def st(a):  # (B, channels-or-heads, ...): shard axis 1
+            return P(data_axis, model_axis, *([None] * (a.ndim - 2)))
+
+        def scan(u, dt, A, Bm, Cm, h0):  # channels (Mamba-1) / heads (Mamba-2) are independent
+            u, dt = _constrain(u, mesh, seq(u)), _constrain(dt, mesh, seq(dt))
+            h0 = _constrain(h0, mesh, st(h0))
             y, h = inner(u, dt, A, Bm, Cm, h0)
-            return _constrain(y, mesh, spec_e), _constrain(h, mesh, P(data_axis, model_axis, None))
+            return _constrain(y, mesh, seq(y)), _constrain(h, mesh, st(h))
 
     y, new_state = mixer_forward(params, x, config, state, scan=scan, xp=jnp)
     return _constrain(y, mesh, P(data_axis, None, None)), new_state
@@ -241,26 +330,27 @@ def step(params, state: MambaState, x_t, config: MambaConfig):
 
 
 # ---------------------------------------------------------------- sharding helpers
-def _param_spec(name: str, model_axis: str | None) -> P:
-    # E is the sharded axis of every parameter that has one
-    if name in ("in_proj.weight", "dt_proj.weight", "A_log", "conv1d.weight"):
-        return P(model_axis, *([None] * (2 if name == "conv1d.weight" else 1)))
-    if name in ("in_proj.bias", "conv1d.bias", "dt_proj.bias", "D"):
-        return P(model_axis)
-    if name in ("x_proj.weight", "out_proj.weight"):
-        return P(None, model_axis)  # these contract over E
-    return P()
+def _param_spec(name: str, ndim: int, config: MambaConfig, model_axis: str | None) -> P:
+    """The mixer's `SHARDED_AXIS[name]` over `model_axis`, the other axes replicated."""
+    axis = mixer_for(config).SHARDED_AXIS.get(name)
+    return P(*[model_axis if i == axis else None for i in range(ndim)])
 
 
-def shard_params(params, mesh: Mesh, *, model_axis: str | None = "model"):
-    """Place params on `mesh`: every E-sized axis split over `model_axis` (tensor parallel).
+def shard_params(params, mesh: Mesh, config: MambaConfig | None = None, *, model_axis="model"):
+    """Place params on `mesh` with the channel (Mamba-1) or head (Mamba-2) axis of every
+    parameter that has one split over `model_axis` (tensor parallel).
 
-    The conv and the scan are independent per channel; `x_proj` and `out_proj` contract
-    over E, so XLA adds their reductions; `in_proj`'s rows hold x_in and z back to back,
-    so its output is re-split once per call.
+    The conv and the scan are independent per channel / head; projections that contract
+    over E (`x_proj`, `out_proj`) need reductions that XLA adds.  Mamba-1's `in_proj` rows
+    hold x_in and z back to back, so its output is re-split once per call; Mamba-2's
+    `in_proj` and conv (z | x | B | C | dt rows) are replicated.  `config` defaults to
+    Mamba-1.
     """
+    config = config if config is not None else MambaConfig()
     return {
-        name: jax.device_put(value, NamedSharding(mesh, _param_spec(name, model_axis)))
+        name: jax.device_put(
+            value, NamedSharding(mesh, _param_spec(name, value.ndim, config, model_axis))
+        )
         for name, value in params.items()
     }
 
@@ -355,18 +445,8 @@ class JaxBackend(Backend):
     def platform(self, device: Any = None) -> str:
         return (device or jax.devices()[0]).platform
 
-    def auto_scan(self, platform: str, config: MambaConfig) -> str:
-        # CPU: measured (README "Scans"): lax.scan is fastest.  TPU: the associative scan
-        # (parallel over L) when use_tpu_optimizations.  GPU: the associative scan too
-        # (not measured on this project's machines).
-        if platform == "tpu":
-            return "associative" if config.use_tpu_optimizations else "linear"
-        if platform == "gpu":
-            return "associative"
-        return "linear"
-
     def chunk_size(self, algorithm: str, config: MambaConfig, platform: str) -> int:
-        return chunk_length(algorithm, config.chunk_size)
+        return chunk_length(algorithm, config.chunk_size, config.version)
 
     def _timed(self, kind: str, fn, *args, **kwargs):
         before = getattr(_THREAD_TRACES, kind, 0)

@@ -19,7 +19,7 @@ import array_api_compat.numpy as xp_numpy
 import numpy as np
 
 from mamba_core.config import MambaConfig
-from mamba_core.mixer import MambaState, core_scan, mixer_forward, mixer_step
+from mamba_core.mixer import core_scan, mixer_forward, mixer_step
 from mamba_core.params import to_numpy
 from mamba_core.registry import Backend
 
@@ -119,6 +119,10 @@ def scan_linear(u, dt, A, Bm, Cm, h0, *, threads: int | None = None):
     return y[..., 0], h
 
 
+#: (mixer version, scan_type) -> native NumPy scan; the rest run the core's generic scans
+NATIVE_SCANS = {("mamba1", "linear"): scan_linear}
+
+
 class NumpyBackend(Backend):
     name = "numpy"
     xp = xp_numpy
@@ -139,17 +143,18 @@ class NumpyBackend(Backend):
         return "cpu"
 
     def scan_fn(self, scan_type: str, config: MambaConfig):
-        if scan_type == "linear":
-            return scan_linear
-        return core_scan(scan_type, config.chunk_size)
+        """The native scan where there is one (NATIVE_SCANS), else the core's."""
+        native = NATIVE_SCANS.get((config.version, scan_type))
+        return native if native is not None else core_scan(config, scan_type)
 
-    def forward(self, params, x, config: MambaConfig, state: MambaState | None, scan_type: str):
+    def forward(self, params, x, config: MambaConfig, state: Any, scan_type: str):
         return mixer_forward(
             params, x, config, state, scan=self.scan_fn(scan_type, config), xp=self.xp
         )
 
-    def step(self, prepared, state: MambaState, x_t, config: MambaConfig):
-        return mixer_step(prepared, state, x_t, config, scan=scan_linear, xp=self.xp)
+    def step(self, prepared, state: Any, x_t, config: MambaConfig):
+        scan = NATIVE_SCANS.get((config.version, "linear"))
+        return mixer_step(prepared, state, x_t, config, scan=scan, xp=self.xp)
 
 
 _BACKEND = NumpyBackend()

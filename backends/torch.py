@@ -42,29 +42,39 @@ from mamba_core.mixer import (
     init_state,
     mixer_forward,
     mixer_step,
+    param_shapes,
     scan_dtype,
+    state_dtype_field,
     validate_state,
 )
+from mamba_core.mixers import mixer_for
 from mamba_core.params import check_state_dict, init_params, to_numpy
 from mamba_core.registry import Backend
 from mamba_core.scan import ALGORITHMS, DEFAULT_CHUNK
+from mamba_core.ssd import SSD_ALGORITHMS, SSD_DEFAULT_CHUNK
 
 __all__ = ["MambaTorch", "TorchBackend", "get_backend", "torch_forward", "torch_step"]
 
 Array = torch.Tensor
-#: chunk length per algorithm where the config says "auto"; CUDA takes longer
-#: `cumulative` chunks (fewer kernel launches; its (T, T) decay blocks are cheap there).
-_CUDA_CHUNK = {**DEFAULT_CHUNK, "cumulative": 16}
+#: chunk length per (device type, mixer version) and algorithm where the config says
+#: "auto"; CUDA takes longer Mamba-1 `cumulative` chunks (fewer kernel launches; its (T, T)
+#: decay blocks are cheap there).
+_CHUNKS = {
+    ("cpu", "mamba1"): DEFAULT_CHUNK,
+    ("cuda", "mamba1"): {**DEFAULT_CHUNK, "cumulative": 16},
+    ("cpu", "mamba2"): SSD_DEFAULT_CHUNK,
+    ("cuda", "mamba2"): SSD_DEFAULT_CHUNK,
+}
 #: the in-place CPU loop precomputes the decays of this many steps at once (cache-sized)
 _INPLACE_CHUNK = 8
 #: steps per call of the torch.compile-d chunk kernel (it unrolls them)
 _COMPILED_CHUNK = 16
 
 
-def _chunk(algorithm: str, chunk_size, device: torch.device) -> int:
+def _chunk(algorithm: str, chunk_size, device: torch.device, version: str = "mamba1") -> int:
     if chunk_size != "auto":
         return int(chunk_size)
-    return (_CUDA_CHUNK if device.type == "cuda" else DEFAULT_CHUNK)[algorithm]
+    return _CHUNKS[("cuda" if device.type == "cuda" else "cpu", version)][algorithm]
 
 
 # ---------------------------------------------------------------- the linear scan
@@ -210,20 +220,39 @@ def make_scan(algorithm: str, chunk_size="auto", *, compile_scan: bool = False):
     return scan
 
 
-_SCANS: dict[tuple[str, Any, bool], Any] = {}
+def make_ssd_scan(algorithm: str, chunk_size="auto", *, compile_scan: bool = False):
+    """A Mamba-2 `scan(x, dt, A, Bm, Cm, S0) -> (y, S)` for `algorithm` on torch tensors: the
+    core's chunk functions, each chunk under `torch.utils.checkpoint` when autograd is on
+    (one state per chunk kept for the backward pass).  `compile_scan` is Mamba-1 only."""
+    if algorithm not in SSD_ALGORITHMS:
+        raise ValueError(f"scan {algorithm!r} is invalid: expected one of {sorted(SSD_ALGORITHMS)}")
+    chunk_fn = functools.partial(SSD_ALGORITHMS[algorithm], xp=xp_torch)
+
+    @torch.compiler.disable
+    def scan(x, dt, A, Bm, Cm, S0):
+        size = _chunk(algorithm, chunk_size, x.device, "mamba2")
+        return _chunked(chunk_fn, x, dt, A, Bm, Cm, S0, size, _needs_grad(x, dt, A, Bm, Cm, S0))
+
+    return scan
 
 
-def _scan_for(algorithm: str, chunk_size, compile_scan: bool):
-    key = (algorithm, chunk_size, compile_scan)
+#: mixer version -> the maker of its torch scans
+_SCAN_MAKERS = {"mamba1": make_scan, "mamba2": make_ssd_scan}
+_SCANS: dict[tuple[str, str, Any, bool], Any] = {}
+
+
+def _scan_for(version: str, algorithm: str, chunk_size, compile_scan: bool):
+    key = (version, algorithm, chunk_size, compile_scan)
     if key not in _SCANS:
-        _SCANS[key] = make_scan(algorithm, chunk_size, compile_scan=compile_scan)
+        _SCANS[key] = _SCAN_MAKERS[version](algorithm, chunk_size, compile_scan=compile_scan)
     return _SCANS[key]
 
 
 def _resolve_scan(config: MambaConfig, scan_type: str | None, device: torch.device) -> str:
     scan_type = scan_type or config.scan_type
     if scan_type == "auto":
-        return "cumulative" if device.type == "cuda" else "linear"
+        platform = "gpu" if device.type == "cuda" else "cpu"
+        return mixer_for(config).auto_scan("torch", platform, config)
     return scan_type
 
 
@@ -238,7 +267,7 @@ def torch_forward(
 ):
     """The mixer on torch tensors: x (B, L, H) -> (y (B, L, H), state).  Differentiable."""
     algorithm = _resolve_scan(config, scan_type, x.device)
-    scan = _scan_for(algorithm, config.chunk_size, compile_scan)
+    scan = _scan_for(config.version, algorithm, config.chunk_size, compile_scan)
     return mixer_forward(params, x, config, state, scan=scan, xp=xp_torch)
 
 
@@ -293,14 +322,9 @@ class TorchBackend(Backend):
     def platform(self, device: Any = None) -> str:
         return "gpu" if device is not None and torch.device(device).type == "cuda" else "cpu"
 
-    def auto_scan(self, platform: str, config: MambaConfig) -> str:
-        # CPU: measured (README "Scans"): the in-place linear loop is fastest eagerly.
-        # CUDA: the chunked cumulative form (few launches per chunk; not measured here).
-        return "cumulative" if platform == "gpu" else "linear"
-
     def chunk_size(self, algorithm: str, config: MambaConfig, platform: str) -> int:
         device = torch.device("cuda" if platform == "gpu" else "cpu")
-        return _chunk(algorithm, config.chunk_size, device)
+        return _chunk(algorithm, config.chunk_size, device, config.version)
 
     def forward(self, params, x, config: MambaConfig, state: MambaState | None, scan_type: str):
         return torch_forward(
@@ -355,19 +379,9 @@ class MambaTorch(nn.Module):
         self.compile_scan = compile_scan
         if state_dict is not None and not isinstance(state_dict, CheckpointWeights):
             state_dict = check_state_dict(state_dict, cfg)  # before anything is allocated
-        h, e, n, r, k = cfg.dims
         target = torch.device(device) if device is not None else None
         # with weights to load, build on the meta device (no memory) and allocate once
-        kw = {"device": "meta" if state_dict is not None else device, "dtype": dtype}
-        self.in_proj = nn.Linear(h, 2 * e, bias=cfg.use_bias, **kw)
-        self.conv1d = nn.Conv1d(
-            e, e, kernel_size=k, groups=e, padding=k - 1, bias=cfg.use_conv_bias, **kw
-        )
-        self.x_proj = nn.Linear(e, r + 2 * n, bias=False, **kw)
-        self.dt_proj = nn.Linear(r, e, bias=True, **kw)
-        self.A_log = nn.Parameter(torch.empty(e, n, **kw))
-        self.D = nn.Parameter(torch.empty(e, **kw))
-        self.out_proj = nn.Linear(e, h, bias=cfg.use_bias, **kw)
+        self._build(param_shapes(cfg), "meta" if state_dict is not None else device, dtype)
         if state_dict is not None:
             self.to_empty(device=target or torch.get_default_device())
             self._copy_in(state_dict)
@@ -375,6 +389,20 @@ class MambaTorch(nn.Module):
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
         self._copy_in(init_params(cfg, seed))
+
+    def _build(self, shapes: Mapping[str, tuple[int, ...]], device, dtype) -> None:
+        """One `nn.Parameter` per official name: "in_proj.weight" is the `weight` of a
+        submodule `in_proj`, so `named_parameters()` / `state_dict()` keys are exactly the
+        official (and HuggingFace) ones, whatever the mixer."""
+        for name, shape in shapes.items():
+            param = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+            owner, _, leaf = name.rpartition(".")
+            if not owner:
+                self.register_parameter(leaf, param)
+                continue
+            if not hasattr(self, owner):
+                self.add_module(owner, nn.Module())
+            getattr(self, owner).register_parameter(leaf, param)
 
     # -------------------------------------------------------------- weights
     def params_dict(self) -> dict[str, nn.Parameter]:
@@ -431,12 +459,13 @@ class MambaTorch(nn.Module):
     def _state(self, state: Any, x: Array) -> MambaState:
         """The one state check (`mamba_core.mixer.validate_state`); arrays of another library
         or device become tensors on x's device in the compute / scan dtype."""
-        dtypes = {"conv_state": x.dtype, "ssm_state": scan_dtype(x.dtype, self.config, xp=xp_torch)}
+        sdtype = scan_dtype(x.dtype, self.config, xp=xp_torch)
 
         def convert(value, field):
             if not isinstance(value, torch.Tensor):
                 value = torch.from_numpy(np.array(to_numpy(value), copy=True))
-            return value.to(device=x.device, dtype=dtypes[field])
+            dtype = sdtype if state_dtype_field(self.config, field) else x.dtype
+            return value.to(device=x.device, dtype=dtype)
 
         return validate_state(state, self.config, x.shape[0], owner="MambaTorch", convert=convert)
 
@@ -473,8 +502,4 @@ class MambaTorch(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        c = self.config
-        return (
-            f"hidden_size={c.hidden_size}, d_inner={c.d_inner}, d_state={c.d_state}, "
-            f"dt_rank={c.dt_rank}, d_conv={c.d_conv}, scan_type={c.scan_type!r}"
-        )
+        return f"{self.config.describe()}, scan_type={self.config.scan_type!r}"

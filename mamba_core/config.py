@@ -25,12 +25,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
-__all__ = ["ACTIVATIONS", "SCAN_TYPES", "MambaConfig", "resolve_config"]
+__all__ = ["ACTIVATIONS", "SCAN_TYPES", "VERSIONS", "MambaConfig", "resolve_config"]
 
 #: Activation names accepted by `MambaConfig.activation` ("silu" is an alias of "swish").
 ACTIVATIONS = ("swish", "silu", "gelu", "relu")
 #: Scan algorithms accepted by `MambaConfig.scan_type`.
 SCAN_TYPES = ("auto", "linear", "associative", "cumulative")
+#: Mixer versions accepted by `MambaConfig.version` (`mamba_core.mixers.MIXERS`).
+VERSIONS = ("mamba1", "mamba2")
 #: Keys a `[modules.mamba]` TOML table may carry that are not layer fields.
 _TABLE_ONLY_KEYS = frozenset({"enabled"})
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -52,6 +54,13 @@ class MambaConfig:
     official and HuggingFace default; upstream declared True but never used a bias) and
     `scan_type` ("auto": each backend picks its fastest stable algorithm for the device; see
     README "Scans").
+
+    `version` picks the mixer ("mamba1" by default, so every existing config keeps its
+    meaning).  Mamba-2 fields (used when `version == "mamba2"`): `num_heads` (H) and
+    `head_dim` (P) with H * P = d_inner ("auto" derives one from the other; head_dim is 64
+    when both are "auto"), `n_groups` (G, divides H), `time_step_limit` (min, max) clamp on
+    dt, `A_init_range` (A drawn uniform in it at init); `layer_norm_epsilon` is the gated
+    RMSNorm's eps.  `dt_rank` and `dt_scale` are Mamba-1 only.
     """
 
     hidden_size: int = 768
@@ -71,9 +80,19 @@ class MambaConfig:
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
     dt_scale: float = 1.0
+    version: str = "mamba1"
+    num_heads: int | str = "auto"
+    head_dim: int | str = "auto"
+    n_groups: int = 1
+    time_step_limit: tuple[float, float] = (0.0, math.inf)
+    A_init_range: tuple[float, float] = (1.0, 16.0)
 
     def __post_init__(self) -> None:
         errors = []
+        for name in ("time_step_limit", "A_init_range"):  # JSON / TOML give lists
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
 
         def bad(field: str, allowed: str) -> None:
             errors.append(f"{field}={getattr(self, field)!r} is invalid: expected {allowed}")
@@ -109,6 +128,10 @@ class MambaConfig:
                 f"dt_max={self.dt_max!r} is invalid: expected dt_max >= dt_min "
                 f"(dt_min={self.dt_min!r})"
             )
+        if self.version not in VERSIONS:
+            bad("version", f"one of {', '.join(map(repr, VERSIONS))}")
+        elif self.version == "mamba2" and not errors:
+            errors.extend(self._check_mamba2())
         if not errors:  # the initial weights must be finite in float32
             bounds = {
                 "dt_scale": self.dt_scale / math.sqrt(self.dt_rank),  # dt_proj.weight bound
@@ -123,6 +146,64 @@ class MambaConfig:
                     )
         if errors:
             raise ValueError("invalid MambaConfig: " + "; ".join(errors))
+
+    def _check_mamba2(self) -> list[str]:
+        """Validate and resolve the Mamba-2 fields (num_heads / head_dim "auto")."""
+        errors = []
+        e = self.d_inner
+        heads, dim = self.num_heads, self.head_dim
+        for name, value in (("num_heads", heads), ("head_dim", dim)):
+            if value != "auto" and (not _is_int(value) or value < 1):
+                errors.append(f"{name}={value!r} is invalid: expected a positive int or 'auto'")
+        if not _is_int(self.n_groups) or self.n_groups < 1:
+            errors.append(f"n_groups={self.n_groups!r} is invalid: expected a positive int")
+        for name in ("time_step_limit", "A_init_range"):
+            pair = getattr(self, name)
+            if not (
+                isinstance(pair, tuple)
+                and len(pair) == 2
+                and all(_is_real(v) and not math.isnan(v) for v in pair)
+                and pair[0] <= pair[1]
+            ):
+                errors.append(f"{name}={pair!r} is invalid: expected a (min, max) pair, min <= max")
+        if errors:
+            return errors
+        if self.time_step_limit[0] < 0:
+            errors.append(f"time_step_limit={self.time_step_limit!r} is invalid: expected min >= 0")
+        lo, hi = self.A_init_range
+        if not (lo > 0 and math.isfinite(hi)):
+            errors.append(
+                f"A_init_range={self.A_init_range!r} is invalid: expected 0 < min <= max < inf"
+            )
+        if heads == "auto" and dim == "auto":
+            dim = 64
+        if heads == "auto":
+            if e % dim:
+                errors.append(
+                    f"head_dim={dim} does not divide d_inner = expand_factor * hidden_size = {e}"
+                    " (set num_heads or head_dim)"
+                )
+                return errors
+            heads = e // dim
+        elif dim == "auto":
+            if e % heads:
+                errors.append(
+                    f"num_heads={heads} does not divide d_inner = expand_factor * hidden_size = "
+                    f"{e} (set head_dim)"
+                )
+                return errors
+            dim = e // heads
+        if heads * dim != e:
+            errors.append(
+                f"num_heads * head_dim = {heads} * {dim} = {heads * dim} != d_inner = "
+                f"expand_factor * hidden_size = {e}"
+            )
+        elif heads % self.n_groups:
+            errors.append(f"n_groups={self.n_groups} does not divide num_heads={heads}")
+        if not errors:
+            object.__setattr__(self, "num_heads", heads)
+            object.__setattr__(self, "head_dim", dim)
+        return errors
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -199,6 +280,13 @@ class MambaConfig:
 
     def describe(self) -> str:
         """The sizes that decide the parameter shapes, for error messages."""
+        if self.version == "mamba2":
+            return (
+                f"version='mamba2', hidden_size={self.hidden_size}, d_inner={self.d_inner}, "
+                f"d_state={self.d_state}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+                f"n_groups={self.n_groups}, d_conv={self.d_conv}, use_bias={self.use_bias}, "
+                f"use_conv_bias={self.use_conv_bias}"
+            )
         return (
             f"hidden_size={self.hidden_size}, d_inner={self.d_inner}, d_state={self.d_state}, "
             f"dt_rank={self.dt_rank}, d_conv={self.d_conv}, use_bias={self.use_bias}, "

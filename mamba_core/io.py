@@ -269,8 +269,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, str], di
         end = max(end, stop)
     if end > data_size:
         raise CheckpointError(
-            f"{path!r} is truncated: its tensors need {end} bytes of data, the file has "
-            f"{data_size}"
+            f"{path!r} is truncated: its tensors need {end} bytes of data, the file has {data_size}"
         )
     return metadata, header
 

@@ -25,7 +25,15 @@ from .checks import check_input_shape, float_error, float_numpy
 from .config import MambaConfig, resolve_config
 from .io import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, CheckpointWeights, read_checkpoint
 from .io import write_checkpoint as _write_checkpoint
-from .mixer import MambaState, init_state, param_shapes, scan_dtype, validate_state
+from .mixer import (
+    MambaState,
+    init_state,
+    param_shapes,
+    scan_dtype,
+    state_dtype_field,
+    validate_state,
+)
+from .mixers import mixer_for
 from .params import check_state_dict, init_params, to_numpy
 from .registry import Backend, backend_installed, get_backend
 
@@ -168,7 +176,7 @@ class MambaModule(IModule):
 
     def _state(self, state: Any, batch: int) -> MambaState:
         def convert(value, field):
-            dtype = self._scan_dtype() if field == "ssm_state" else self._dtype
+            dtype = self._scan_dtype() if state_dtype_field(self.config, field) else self._dtype
             native = self._native_float(value, f"state.{field}")
             return self.backend.asarray(native, dtype, self._device)
 
@@ -183,6 +191,7 @@ class MambaModule(IModule):
         platform = self.backend.platform(self._device)
         return {
             "mamba_active": True,
+            "version": self.config.version,
             "complexity": "O(log n)" if scan_used == "associative" else "O(n)",
             "work_complexity": "O(n)",
             "sequence_length": length,
@@ -229,7 +238,7 @@ class MambaModule(IModule):
             "metrics": metrics,
             "processing_info": {
                 "module_type": "MambaModule",
-                "architecture": "Selective State Space Model (Mamba-1 mixer)",
+                "architecture": mixer_for(self.config).ARCHITECTURE,
                 "complexity_advantage": f"O(n) vs O(n²) for seq_len={length}",
                 "training_mode": training,
                 "backend": self.backend.name,
@@ -282,6 +291,7 @@ class MambaModule(IModule):
         scan_used = self._scan_used()
         return {
             "module_type": "MambaModule",
+            "version": self.config.version,
             "hidden_size": self.config.hidden_size,
             "d_state": self.config.d_state,
             "d_inner": self.config.d_inner,

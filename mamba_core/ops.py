@@ -18,12 +18,15 @@ from array_api_compat import device as _device
 
 __all__ = [
     "activation_fn",
+    "cast",
     "causal_conv1d",
+    "gated_rmsnorm",
     "gelu_tanh",
     "is_half",
     "linear",
     "own",
     "relu",
+    "scan_dtype",
     "silu",
     "softplus",
 ]
@@ -55,6 +58,19 @@ def own(a: Array, *, xp=None) -> Array:
 def is_half(dtype, *, xp) -> bool:
     """True for 16-bit floating dtypes (float16, bfloat16)."""
     return xp.finfo(dtype).bits < 32
+
+
+def scan_dtype(dtype, config, *, xp):
+    """The dtype the scan (and its state) runs in for compute dtype `dtype`: float32 for a
+    16-bit dtype under `config.use_mixed_precision`, otherwise `dtype` itself."""
+    if config.use_mixed_precision and is_half(dtype, xp=xp):
+        return xp.float32
+    return dtype
+
+
+def cast(a: Array, dtype, xp) -> Array:
+    """`a` in `dtype` (no copy when it already is)."""
+    return a if a.dtype == dtype else xp.astype(a, dtype)
 
 
 def softplus(x: Array, *, xp=None) -> Array:
@@ -103,6 +119,19 @@ def activation_fn(name: str) -> Callable[..., Array]:
         raise ValueError(
             f"activation={name!r} is invalid: expected one of {sorted(_ACTIVATIONS)}"
         ) from None
+
+
+def gated_rmsnorm(y: Array, z: Array, weight: Array, groups: int, eps: float, *, xp=None) -> Array:
+    """RMSNorm(y * silu(z)) over `groups` equal groups of the last axis, times `weight`
+    (HuggingFace `MambaRMSNormGated`, the official Mamba-2 `RMSNormGated` with
+    norm_before_gate=False).  Computed in y's dtype; z is cast to it."""
+    xp = _ns(xp, y)
+    g = y * silu(cast(z, y.dtype, xp), xp=xp)
+    shape = g.shape
+    grouped = xp.reshape(g, (*shape[:-1], groups, shape[-1] // groups))
+    variance = xp.mean(grouped * grouped, axis=-1, keepdims=True)
+    grouped = grouped / xp.sqrt(variance + eps)
+    return xp.reshape(grouped, shape) * cast(weight, y.dtype, xp)
 
 
 def linear(x: Array, weight: Array, bias: Array | None = None, *, xp=None) -> Array:

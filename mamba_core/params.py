@@ -1,20 +1,12 @@
-"""Parameter initialisation (the official Mamba scheme) and state-dict checking, in NumPy.
+"""Parameter initialisation and state-dict checking, in NumPy.
 
 Initialisation is done in NumPy float64 from a seed and then cast, so the same seed gives
-the same weights on every backend and every dtype (up to the dtype's rounding).
-
-The official scheme (state-spaces/mamba `Mamba.__init__`, HuggingFace `MambaMixer`):
-- `in_proj`, `x_proj`, `out_proj`, `conv1d`: PyTorch's default `nn.Linear` / `nn.Conv1d`
-  init, weight and bias uniform in +-1/sqrt(fan_in) (fan_in = K for the depthwise conv);
-- `dt_proj.weight` uniform in +-dt_rank**-0.5 * dt_scale;
-- `dt_proj.bias` = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max], floored at
-  dt_init_floor, so that softplus(bias) = dt at init;
-- `A_log[e, n] = log(n + 1)` (S4D-real), `D = 1`.
+the same weights on every backend and every dtype (up to the dtype's rounding).  Each mixer
+writes its own official scheme (`mamba_core.mixers.mamba1.init_params`, `...mamba2...`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,43 +14,20 @@ import numpy as np
 
 from .config import MambaConfig
 from .mixer import param_shapes
+from .mixers import mixer_for
 
 __all__ = ["check_state_dict", "init_params", "to_numpy"]
 
 
 def init_params(config: MambaConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """Official-scheme parameters as float64 NumPy arrays, keyed by official names."""
+    """Official-scheme parameters of `config`'s mixer as float64 NumPy arrays, keyed by the
+    official names in state-dict order (see each mixer's `init_params`)."""
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, received {type(seed).__name__} {seed!r}")
     if seed < 0:
         raise ValueError(f"seed must be a non-negative int (0, 1, 2, ...), received {seed!r}")
-    rng = np.random.default_rng(seed)
-    shapes = param_shapes(config)
-    h, e, n, r, k = config.dims
-
-    def uniform(shape, bound):
-        return rng.uniform(-bound, bound, size=shape)
-
-    params: dict[str, np.ndarray] = {}
-    params["in_proj.weight"] = uniform((2 * e, h), 1 / math.sqrt(h))
-    if config.use_bias:
-        params["in_proj.bias"] = uniform((2 * e,), 1 / math.sqrt(h))
-    params["conv1d.weight"] = uniform((e, 1, k), 1 / math.sqrt(k))
-    if config.use_conv_bias:
-        params["conv1d.bias"] = uniform((e,), 1 / math.sqrt(k))
-    params["x_proj.weight"] = uniform((r + 2 * n, e), 1 / math.sqrt(e))
-    params["dt_proj.weight"] = uniform((e, r), r**-0.5 * config.dt_scale)
-    log_lo, log_hi = math.log(config.dt_min), math.log(config.dt_max)
-    dt = np.exp(rng.uniform(size=e) * (log_hi - log_lo) + log_lo)
-    dt = np.maximum(dt, config.dt_init_floor)
-    params["dt_proj.bias"] = dt + np.log(-np.expm1(-dt))  # inverse of softplus
-    params["A_log"] = np.log(np.broadcast_to(np.arange(1, n + 1, dtype=np.float64), (e, n)))
-    params["D"] = np.ones(e)
-    params["out_proj.weight"] = uniform((h, e), 1 / math.sqrt(e))
-    if config.use_bias:
-        params["out_proj.bias"] = uniform((h,), 1 / math.sqrt(e))
-    # keep the official state-dict order
-    return {name: np.ascontiguousarray(params[name]) for name in shapes}
+    params = mixer_for(config).init_params(config, np.random.default_rng(seed))
+    return {name: np.ascontiguousarray(params[name]) for name in param_shapes(config)}
 
 
 def to_numpy(value: Any) -> np.ndarray:

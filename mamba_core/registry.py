@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .config import MambaConfig
-from .mixer import MambaState, prepare_params
+from .mixer import prepare_params
+from .mixers import mixer_for
 
 __all__ = [
     "AUTO_ORDER",
@@ -109,23 +110,23 @@ class Backend:
 
     # ---------------------------------------------------------------- compute
     def auto_scan(self, platform: str, config: MambaConfig) -> str:
-        """The algorithm `scan_type="auto"` runs on this platform."""
-        return "linear"
+        """The algorithm `scan_type="auto"` runs on this platform (the mixer's rule)."""
+        return mixer_for(config).auto_scan(self.name, platform, config)
 
     def chunk_size(self, algorithm: str, config: MambaConfig, platform: str) -> int:
         """The chunk length T `algorithm` runs with (for `chunk_size="auto"`, its default)."""
-        from .scan import resolve_chunk
+        if config.chunk_size != "auto":
+            return int(config.chunk_size)
+        return mixer_for(config).default_chunk(algorithm)
 
-        return resolve_chunk(algorithm, config.chunk_size)
-
-    def forward(self, params, x, config: MambaConfig, state: MambaState | None, scan_type: str):
+    def forward(self, params, x, config: MambaConfig, state: Any, scan_type: str):
         raise NotImplementedError
 
     def prepare(self, params, config: MambaConfig):
         """Params for `step`, with what a decode loop should not recompute every token."""
         return prepare_params(params, config, xp=self.xp)
 
-    def step(self, prepared, state: MambaState, x_t, config: MambaConfig):
+    def step(self, prepared, state: Any, x_t, config: MambaConfig):
         """One decode step with `prepare`d params."""
         raise NotImplementedError
 

@@ -46,7 +46,9 @@ __all__ = [
     "chunk_associative",
     "chunk_cumulative",
     "chunk_linear",
+    "prefix_scan",
     "resolve_chunk",
+    "run_chunks",
     "selective_scan",
 ]
 
@@ -87,11 +89,11 @@ def chunk_linear(h, dt, u, Bm, Cm, A, *, xp=None):
     return xp.stack(ys, axis=1), h
 
 
-def chunk_associative(h, dt, u, Bm, Cm, A, *, xp=None):
-    """One chunk by an inclusive Hillis-Steele prefix scan over (decay, input) pairs."""
-    xp = xp if xp is not None else array_namespace(h, dt)
-    a, b = _discretize(h, dt, u, Bm, A, xp=xp)
-    length = a.shape[1]
+def prefix_scan(a, b, *, xp):
+    """Inclusive Hillis-Steele prefix scan along axis 1 with the operator
+    (a1, b1) * (a2, b2) = (a1*a2, a2*b1 + b2): log2(T) levels.  Returns (a, b) where a[:, t]
+    is the product of the decays up to t and b[:, t] the state reached from a zero start."""
+    length = b.shape[1]
     shift = 1
     while shift < length:
         # combine every element t with the running prefix ending at t - shift
@@ -100,6 +102,13 @@ def chunk_associative(h, dt, u, Bm, Cm, A, *, xp=None):
         b = a * b_prev + b
         a = a * a_prev
         shift *= 2
+    return a, b
+
+
+def chunk_associative(h, dt, u, Bm, Cm, A, *, xp=None):
+    """One chunk by an inclusive Hillis-Steele prefix scan over (decay, input) pairs."""
+    xp = xp if xp is not None else array_namespace(h, dt)
+    a, b = prefix_scan(*_discretize(h, dt, u, Bm, A, xp=xp), xp=xp)
     hs = a * h[:, None, ...] + b  # a is now the decay from the chunk start to t
     return _readout(hs, Cm, xp=xp), hs[:, -1, ...]
 
@@ -154,8 +163,13 @@ def selective_scan(
         raise ValueError(
             f"algorithm={algorithm!r} is invalid: expected one of {sorted(ALGORITHMS)}"
         ) from None
-    step = resolve_chunk(algorithm, chunk_size)
-    length = u.shape[1]
+    return run_chunks(chunk_fn, h0, dt, u, Bm, Cm, A, resolve_chunk(algorithm, chunk_size), xp=xp)
+
+
+def run_chunks(chunk_fn, h0, dt, u, Bm, Cm, A, step: int, *, xp):
+    """Walk the sequence (axis 1 of dt, u, Bm, Cm) `step` steps at a time, carrying the state:
+    `chunk_fn(h, dt, u, Bm, Cm, A, xp=xp) -> (y_chunk, h)`.  Returns (y, h_L)."""
+    length = dt.shape[1]
     h = h0
     ys = []
     for start in range(0, length, step):

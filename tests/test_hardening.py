@@ -95,8 +95,9 @@ def test_a_save_that_fails_midway_leaves_old_or_new(tmp_path, monkeypatch, faili
 
 def test_saves_killed_at_random_points_load_old_or_new(tmp_path):
     """A process saving two same-shaped checkpoints in turn, SIGKILLed at several points."""
-    cfg_a, cfg_b = MambaConfig(hidden_size=128, activation="swish"), MambaConfig(
-        hidden_size=128, activation="gelu"
+    cfg_a, cfg_b = (
+        MambaConfig(hidden_size=128, activation="swish"),
+        MambaConfig(hidden_size=128, activation="gelu"),
     )
     target = tmp_path / "ckpt"
     script = textwrap.dedent(
@@ -290,9 +291,17 @@ def test_every_entry_point_checks_and_accepts_states_alike(rng):
         y_t, _ = step(x[:, 0], (conv, ssm))
         np.testing.assert_allclose(to_np(y_t), to_np(ref)[:, 0], rtol=2e-5, atol=2e-6)
         bad = {
-            "K+1": ((np.zeros((2, e, k + 1), np.float32), ssm), ValueError, r"conv_state: expected shape \(2, 32, 4\)"),
+            "K+1": (
+                (np.zeros((2, e, k + 1), np.float32), ssm),
+                ValueError,
+                r"conv_state: expected shape \(2, 32, 4\)",
+            ),
             "batch": ((conv[:1], ssm[:1]), ValueError, r"for a batch of 2"),
-            "ssm": ((conv, np.zeros((2, e, n + 1), np.float32)), ValueError, r"ssm_state: expected shape \(2, 32, 8\)"),
+            "ssm": (
+                (conv, np.zeros((2, e, n + 1), np.float32)),
+                ValueError,
+                r"ssm_state: expected shape \(2, 32, 8\)",
+            ),
             "int": ((conv.astype(np.int32), ssm), TypeError, "real floating"),
             "triple": ((conv, ssm, ssm), TypeError, "state must be a MambaState"),
             "text": ("state", TypeError, "state must be a MambaState"),
@@ -349,9 +358,17 @@ def test_module_classes_return_copies():
 
     cfg = small_config()
     for module in (MambaTorch(cfg, seed=0), MambaFlax(cfg, seed=0)):
-        sd = module.numpy_state_dict() if hasattr(module, "numpy_state_dict") else module.state_dict()
+        sd = (
+            module.numpy_state_dict()
+            if hasattr(module, "numpy_state_dict")
+            else module.state_dict()
+        )
         sd["D"][...] = 5.0
-        again = module.numpy_state_dict() if hasattr(module, "numpy_state_dict") else module.state_dict()
+        again = (
+            module.numpy_state_dict()
+            if hasattr(module, "numpy_state_dict")
+            else module.state_dict()
+        )
         np.testing.assert_array_equal(again["D"], np.ones(cfg.d_inner))
 
 
@@ -429,7 +446,12 @@ def test_every_float_numpy_accepts_is_accepted(backend, rng):
     module = MambaModule(cfg, backend=backend, dtype="float32")
     x = rng.standard_normal((1, 5, cfg.hidden_size))
     expected = to_np(module(x.astype(np.float32))["output"])
-    for variant in (x.astype(">f4"), x.astype(">f8"), x.astype(np.longdouble), x.astype(np.float16)):
+    for variant in (
+        x.astype(">f4"),
+        x.astype(">f8"),
+        x.astype(np.longdouble),
+        x.astype(np.float16),
+    ):
         got = to_np(module(variant)["output"])
         tol = 5e-3 if variant.dtype == np.float16 else 1e-6
         np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
@@ -504,10 +526,19 @@ def _corrupt_cases(directory: Path):
         "zip": (make("zip", zip_path.read_bytes()), "looks like a zip archive"),
         "truncated": (make("truncated", weights[: len(weights) // 2]), "truncated"),
         "tiny": (make("tiny", b"\x01\x02"), "not a safetensors file"),
-        "garbage": (make("garbage", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}xxxxxx"), "corrupt safetensors header"),
+        "garbage": (
+            make("garbage", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}xxxxxx"),
+            "corrupt safetensors header",
+        ),
         "json": (make("json", config_text="{oops"), "config.json' is not valid JSON"),
-        "version": (make("version", config_text=json.dumps({**meta, "format_version": 99})), "this release reads format versions 1, 2"),
-        "format": (make("format", config_text=json.dumps({**meta, "format": "other"})), "format='other'"),
+        "version": (
+            make("version", config_text=json.dumps({**meta, "format_version": 99})),
+            "this release reads format versions 1, 2",
+        ),
+        "format": (
+            make("format", config_text=json.dumps({**meta, "format": "other"})),
+            "format='other'",
+        ),
     }
 
 
@@ -533,7 +564,9 @@ def test_small_holes(tmp_path):
         MambaConfig(dt_scale=1e40)
     with pytest.raises(ValueError, match=r"dt_max=1e\+39 is invalid.*overflow float32"):
         MambaConfig(dt_max=1e39)
-    assert np.isfinite(init_params(small_config(dt_scale=1e30), 0)["dt_proj.weight"].astype(np.float32)).all()
+    assert np.isfinite(
+        init_params(small_config(dt_scale=1e30), 0)["dt_proj.weight"].astype(np.float32)
+    ).all()
     with pytest.raises(TypeError, match="allow_fallback must be a bool"):
         MambaModule(small_config(), backend="numpy", allow_fallback="no")
     toml = tmp_path / "m.toml"
@@ -571,7 +604,9 @@ def test_jax_compile_metrics_are_per_call_across_threads(rng):
     def compiling():  # new shapes: compiles, concurrently
         barrier.wait()
         for length in range(8, 12):
-            results[f"new{length}"] = module(rng.standard_normal((1, length, 24)))["metrics"]["compiled_now"]
+            results[f"new{length}"] = module(rng.standard_normal((1, length, 24)))["metrics"][
+                "compiled_now"
+            ]
 
     threads = [threading.Thread(target=cached), threading.Thread(target=compiling)]
     for t in threads:

@@ -233,11 +233,13 @@ def test_bad_states_and_flags(backend, rng):
     x = rng.standard_normal((2, 4, cfg.hidden_size))
     good = module.init_state(2)
     with pytest.raises(
-        ValueError, match=r"conv_state: expected shape \(2, 32, 4\).*received state.conv_state.shape=\(3, 32, 4\)"
+        ValueError,
+        match=r"conv_state: expected shape \(2, 32, 4\).*received state.conv_state.shape=\(3, 32, 4\)",
     ):
         module(x, state=module.init_state(3))
     with pytest.raises(
-        ValueError, match=r"ssm_state: expected shape \(2, 32, 8\).*received state.ssm_state.shape=\(2, 32, 5\)"
+        ValueError,
+        match=r"ssm_state: expected shape \(2, 32, 8\).*received state.ssm_state.shape=\(2, 32, 5\)",
     ):
         module(x, state=MambaState(good.conv_state, np.zeros((2, 32, 5))))
     with pytest.raises(TypeError, match="state must be a MambaState"):
