@@ -189,7 +189,7 @@ def ssd_chunked_scan(algorithm: str, chunk_size: int | str = "auto"):
     body_fn = _SSD_BODIES[algorithm]
 
     def scan(x, dt, A, Bm, Cm, S0):
-        batch, length = dt.shape
+        batch, length = dt.shape[:2]
         size = min(chunk_length(algorithm, chunk_size, "mamba2"), length)
         chunks = math.ceil(length / size)
         pad = chunks * size - length

@@ -71,3 +71,63 @@ def reference_scan(u, dt, A, Bm, Cm, h0):
         h = np.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[:, :, None] * Bm[:, t, None, :]
         ys.append(np.einsum("ben,bn->be", h, Cm[:, t]))
     return np.stack(ys, axis=1), h
+
+
+def reference_forward_mamba2(params, x, config, state=None, lib=np):
+    """An independent float64 Mamba-2 mixer, one token at a time, one head at a time, from the
+    equations of the issue: params official-name dict; x (B, L, D).  Returns
+    out (B, L, D), (conv (B, C, K), S (B, H, P, N)).  `lib`: NumPy or jax.numpy (float64).
+    """
+    np = lib
+    p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    x = np.asarray(x, dtype=np.float64)
+    batch, length, _ = x.shape
+    e, n, k = config.d_inner, config.d_state, config.d_conv
+    heads, dim, groups = config.num_heads, config.head_dim, config.n_groups
+    conv_dim = e + 2 * groups * n
+    act = _act(config.activation, lib)
+    silu = _act("swish", lib)
+    lo, hi = config.time_step_limit
+    if state is None:
+        window = np.zeros((batch, k, conv_dim))
+        S = [np.zeros((batch, dim, n)) for _ in range(heads)]
+    else:
+        window = np.transpose(np.asarray(state[0], np.float64), (0, 2, 1))
+        S = [np.asarray(state[1], np.float64)[:, h] for h in range(heads)]
+    a = -np.exp(p["A_log"])
+    outs = []
+    for t in range(length):
+        proj = x[:, t] @ p["in_proj.weight"].T
+        if config.use_bias:
+            proj = proj + p["in_proj.bias"]
+        z, xbc, dt_raw = proj[:, :e], proj[:, e : e + conv_dim], proj[:, e + conv_dim :]
+        window = np.concatenate([window[:, 1:], xbc[:, None, :]], axis=1)
+        conv = np.einsum("bkc,ck->bc", window, p["conv1d.weight"][:, 0, :])
+        if config.use_conv_bias:
+            conv = conv + p["conv1d.bias"]
+        conv = act(conv)
+        xs, b_all, c_all = conv[:, :e], conv[:, e : e + groups * n], conv[:, e + groups * n :]
+        dt = np.logaddexp(0.0, dt_raw + p["dt_bias"])
+        dt = np.minimum(np.maximum(dt, lo), hi)
+        ys = []
+        for h in range(heads):
+            g = h // (heads // groups)
+            x_h = xs[:, h * dim : (h + 1) * dim]
+            b_g, c_g = b_all[:, g * n : (g + 1) * n], c_all[:, g * n : (g + 1) * n]
+            decay = np.exp(dt[:, h] * a[h])[:, None, None]
+            S[h] = decay * S[h] + (dt[:, h : h + 1] * x_h)[:, :, None] * b_g[:, None, :]
+            ys.append(np.einsum("bpn,bn->bp", S[h], c_g) + p["D"][h] * x_h)
+        y = np.concatenate(ys, axis=1) * silu(z)
+        size = e // groups
+        normed = []
+        for g in range(groups):
+            part = y[:, g * size : (g + 1) * size]
+            normed.append(
+                part / np.sqrt(np.mean(part**2, axis=1, keepdims=True) + config.layer_norm_epsilon)
+            )
+        y = np.concatenate(normed, axis=1) * p["norm.weight"]
+        out = y @ p["out_proj.weight"].T
+        if config.use_bias:
+            out = out + p["out_proj.bias"]
+        outs.append(out)
+    return np.stack(outs, axis=1), (np.transpose(window, (0, 2, 1)), np.stack(S, axis=1))
