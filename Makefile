@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -c requirements/constraints.txt
 
-.PHONY: demo test bench bench-pytest lint clean
+.PHONY: demo test bench bench-mamba2 bench-pytest lint clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(STAMP)
 ## bench: the benchmark runner (JSON, markdown table, PNG plot under bench/results/)
 bench: $(VENV)/.bench-stamp
 	$(BIN)/python -m bench
+
+## bench-mamba2: the Mamba-2 layer against HF Mamba2Mixer (bench/results/mamba2.{json,md})
+bench-mamba2: $(VENV)/.bench-stamp
+	$(BIN)/python -m bench.mamba2
 
 ## bench-pytest: the pytest-benchmark suite (not part of `make test`)
 bench-pytest: $(VENV)/.bench-stamp

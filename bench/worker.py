@@ -311,7 +311,118 @@ def task_machine(task: dict) -> dict:
     }
 
 
+# ---------------------------------------------------------------- Mamba-2
+#: a Mamba-2 layer as wide as the seed config (official mamba2-130m-like per-layer shape)
+SEED2 = dict(
+    version="mamba2", hidden_size=768, expand_factor=2, head_dim=64, d_state=128, n_groups=1,
+    d_conv=4,
+)  # fmt: skip
+HF2_CHUNK = 256  # HF Mamba2Config's default chunk_size
+
+
+def _hf_mamba2_mixer():
+    import torch
+    from transformers import Mamba2Config
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+    cfg = Mamba2Config(
+        hidden_size=SEED2["hidden_size"],
+        num_heads=SEED2["hidden_size"] * SEED2["expand_factor"] // SEED2["head_dim"],
+        head_dim=SEED2["head_dim"],
+        state_size=SEED2["d_state"],
+        expand=SEED2["expand_factor"],
+        n_groups=SEED2["n_groups"],
+        conv_kernel=SEED2["d_conv"],
+        chunk_size=HF2_CHUNK,
+        num_hidden_layers=1,
+        use_bias=False,
+        use_conv_bias=True,
+    )
+    torch.manual_seed(0)
+    return Mamba2Mixer(cfg, layer_idx=0).eval(), cfg
+
+
+def _config2(scan: str = "auto", chunk="auto"):
+    from mamba_core import MambaConfig
+
+    return MambaConfig(**SEED2, scan_type=scan, chunk_size=chunk)
+
+
+def task_forward2(task: dict) -> dict:
+    """One Mamba-2 layer forward (B, L, 768), float32, no grad."""
+    impl, batch, length = task["impl"], task["batch"], task["length"]
+    x = np.random.default_rng(0).standard_normal((batch, length, 768), dtype=np.float32)
+    info: dict[str, Any] = {}
+    if impl == "hf":
+        import torch
+
+        mixer, _ = _hf_mamba2_mixer()
+        xt = torch.from_numpy(x)
+
+        def fn():
+            with torch.no_grad():
+                mixer(xt)
+    else:
+        from mamba_core import MambaModule
+
+        module = MambaModule(
+            _config2(task.get("scan", "auto"), task.get("chunk", "auto")), backend=impl, seed=0
+        )
+        native = module.backend.asarray(x)
+
+        def fn():
+            out = module(native)["output"]
+            if impl == "jax":
+                out.block_until_ready()
+
+        info["scan_used"] = module.get_metrics()["scan_used"]
+        info["chunk_size"] = module.get_metrics()["chunk_size"]
+    start = time.perf_counter()
+    fn()
+    info["first_call_s"] = round(time.perf_counter() - start, 3)
+    return {**measured(fn, task.get("repeats", 3)), **info}
+
+
+def task_decode2(task: dict) -> dict:
+    """Per-token latency of one cached Mamba-2 step after a context of `context` tokens."""
+    impl, batch, context, steps = task["impl"], task["batch"], task["context"], task["steps"]
+    rng = np.random.default_rng(0)
+    ctx = rng.standard_normal((batch, context, 768), dtype=np.float32)
+    tokens = rng.standard_normal((steps, batch, 768), dtype=np.float32)
+    if impl == "hf":
+        import torch
+        from transformers import DynamicCache
+
+        mixer, cfg = _hf_mamba2_mixer()
+        cache = DynamicCache(config=cfg)
+        with torch.no_grad():
+            mixer(torch.from_numpy(ctx), cache=cache)  # prefill
+            toks = [torch.from_numpy(t[:, None, :]) for t in tokens]
+            for i in range(min(5, steps)):
+                mixer(toks[i], cache=cache)
+            start = time.perf_counter()
+            for i in range(steps):
+                mixer(toks[i], cache=cache)
+            elapsed = time.perf_counter() - start
+        return {"ms_per_token": 1e3 * elapsed / steps}
+    from mamba_core import MambaModule
+
+    module = MambaModule(_config2(), backend=impl, seed=0)
+    state = module(module.backend.asarray(ctx))["state"]
+    toks = [module.backend.asarray(t) for t in tokens]
+    for i in range(min(5, steps)):
+        module.step(toks[i], state)
+    start = time.perf_counter()
+    for i in range(steps):
+        y, state = module.step(toks[i], state)
+    if impl == "jax":
+        y.block_until_ready()
+    return {"ms_per_token": 1e3 * (time.perf_counter() - start) / steps}
+
+
 TASKS = {
+    "forward2": task_forward2,
+    "decode2": task_decode2,
     "forward": task_forward,
     "decode": task_decode,
     "train": task_train,

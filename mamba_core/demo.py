@@ -12,6 +12,8 @@ from . import MambaModule, installed_backends
 from .params import to_numpy
 
 SEED_CONFIG = {"hidden_size": 768, "d_state": 64, "scan_type": "associative"}
+#: a Mamba-2 layer of the same width (24 heads of 64, d_state 128)
+MAMBA2_CONFIG = {"version": "mamba2", "hidden_size": 768, "d_state": 128, "head_dim": 64}
 
 
 def _run(module: MambaModule, x: np.ndarray):
@@ -47,19 +49,20 @@ def main(argv=None) -> int:
     for key, value in result["metrics"].items():
         print(f"    {key}: {value}")
 
-    reference = MambaModule(SEED_CONFIG, backend="numpy")
-    ref_out = _run(reference, x)[1]
-    scale = float(np.max(np.abs(ref_out)))
-    print("\nevery installed backend against NumPy (same seed, same weights):")
-    for name in installed_backends():
-        module = MambaModule(SEED_CONFIG, backend=name)
-        _run(module, x)  # compile / warm up
-        _, out, seconds = _run(module, x)
-        diff = float(np.max(np.abs(out - ref_out)))
-        print(
-            f"  {name:6s} max|diff| = {diff:.3e} (relative {diff / scale:.1e}), "
-            f"{seconds:.3f} s, scan_used={module.get_metrics()['scan_used']}"
-        )
+    for config in (SEED_CONFIG, MAMBA2_CONFIG):
+        reference = MambaModule(config, backend="numpy")
+        ref_out = _run(reference, x)[1]
+        scale = float(np.max(np.abs(ref_out)))
+        print(f"\n{config}: every installed backend against NumPy (same seed, same weights):")
+        for name in installed_backends():
+            module = MambaModule(config, backend=name)
+            _run(module, x)  # compile / warm up
+            _, out, seconds = _run(module, x)
+            diff = float(np.max(np.abs(out - ref_out)))
+            print(
+                f"  {name:6s} max|diff| = {diff:.3e} (relative {diff / scale:.1e}), "
+                f"{seconds:.3f} s, scan_used={module.get_metrics()['scan_used']}"
+            )
     return 0
 
 
