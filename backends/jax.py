@@ -252,7 +252,7 @@ def _constrain(x, mesh: Mesh | None, spec):
     return x if mesh is None else lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def _forward_impl(params, x, state, config, scan_type, mesh, data_axis, model_axis):
+def _forward_impl(params, x, state, mask, config, scan_type, mesh, data_axis, model_axis):
     _count_trace("forward")
     if scan_type is None or scan_type == "auto":
         scan_type = mixer_for(config).auto_scan("jax", jax.default_backend(), config)
@@ -273,7 +273,7 @@ def _forward_impl(params, x, state, config, scan_type, mesh, data_axis, model_ax
             y, h = inner(u, dt, A, Bm, Cm, h0)
             return _constrain(y, mesh, seq(y)), _constrain(h, mesh, st(h))
 
-    y, new_state = mixer_forward(params, x, config, state, scan=scan, xp=jnp)
+    y, new_state = mixer_forward(params, x, config, state, scan=scan, xp=jnp, attention_mask=mask)
     return _constrain(y, mesh, P(data_axis, None, None)), new_state
 
 
@@ -292,6 +292,7 @@ def forward(
     mesh: Mesh | None = None,
     data_axis: str | None = "data",
     model_axis: str | None = "model",
+    attention_mask=None,
 ):
     """The mixer over x (B, L, H) -> (y (B, L, H), state after the last token).
 
@@ -306,6 +307,7 @@ def forward(
         params,
         x,
         _checked_state(state, x, config, "mamba_core.backends.jax.forward"),
+        attention_mask,
         config=config,
         scan_type=scan_type if scan_type is not None else config.scan_type,
         mesh=mesh,
@@ -327,6 +329,42 @@ def step(params, state: MambaState, x_t, config: MambaConfig):
     checked as in `forward`."""
     state = _checked_state(state, x_t, config, "mamba_core.backends.jax.step")
     return _step_jit(params, state, x_t, config=config)
+
+
+# ---------------------------------------------------------------- language models
+def _lm_impl(params, ids, states, mask, config, dtype):
+    from mamba_core.models import lm_forward
+
+    mixer_cfg = config.mixer
+    scan_type = mixer_cfg.scan_type
+    if scan_type == "auto":
+        scan_type = mixer_for(mixer_cfg).auto_scan("jax", jax.default_backend(), mixer_cfg)
+    scan = _SCAN_BUILDERS[mixer_cfg.version](scan_type, mixer_cfg.chunk_size)
+
+    def mixer(p, v, s, m):
+        return mixer_forward(p, v, mixer_cfg, s, scan=scan, xp=jnp, attention_mask=m)
+
+    return lm_forward(
+        params, ids, config, states, dtype=dtype, mixer=mixer, attention_mask=mask, xp=jnp
+    )
+
+
+def _lm_step_impl(params, states, ids, config, dtype):
+    from mamba_core.models import lm_forward
+
+    def mixer(p, v, s, m):
+        y, st = mixer_step(p, s, v[:, 0, :], config.mixer, xp=jnp)
+        return y[:, None, :], st
+
+    logits, new_states = lm_forward(
+        params, ids[:, None], config, states, dtype=dtype, mixer=mixer, xp=jnp
+    )
+    return logits[:, 0, :], new_states
+
+
+#: the whole language model under one jit (config and dtype static)
+_lm_jit = jax.jit(_lm_impl, static_argnames=("config", "dtype"))
+_lm_step_jit = jax.jit(_lm_step_impl, static_argnames=("config", "dtype"))
 
 
 # ---------------------------------------------------------------- sharding helpers
@@ -464,8 +502,18 @@ class JaxBackend(Backend):
         }
         return out
 
-    def forward(self, params, x, config: MambaConfig, state: MambaState | None, scan_type: str):
-        return self._timed("forward", forward, params, x, config, state, scan_type=scan_type)
+    def forward(self, params, x, config: MambaConfig, state, scan_type: str, attention_mask=None):
+        return self._timed(
+            "forward", forward, params, x, config, state, scan_type=scan_type,
+            attention_mask=attention_mask,
+        )  # fmt: skip
+
+    def lm_forward(self, params, ids, config, states, attention_mask, dtype):
+        states = None if states is None else list(states)
+        return _lm_jit(params, ids, states, attention_mask, config=config, dtype=jnp.dtype(dtype))
+
+    def lm_step(self, params, states, ids, config, dtype):
+        return _lm_step_jit(params, list(states), ids, config=config, dtype=jnp.dtype(dtype))
 
     def step(self, params, state: MambaState, x_t, config: MambaConfig):
         return self._timed("step", step, params, state, x_t, config)

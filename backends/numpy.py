@@ -147,9 +147,12 @@ class NumpyBackend(Backend):
         native = NATIVE_SCANS.get((config.version, scan_type))
         return native if native is not None else core_scan(config, scan_type)
 
-    def forward(self, params, x, config: MambaConfig, state: Any, scan_type: str):
+    def forward(
+        self, params, x, config: MambaConfig, state: Any, scan_type: str, attention_mask=None
+    ):
+        scan = self.scan_fn(scan_type, config)
         return mixer_forward(
-            params, x, config, state, scan=self.scan_fn(scan_type, config), xp=self.xp
+            params, x, config, state, scan=scan, xp=self.xp, attention_mask=attention_mask
         )
 
     def step(self, prepared, state: Any, x_t, config: MambaConfig):

@@ -264,11 +264,14 @@ def torch_forward(
     *,
     scan_type: str | None = None,
     compile_scan: bool = False,
+    attention_mask: Array | None = None,
 ):
     """The mixer on torch tensors: x (B, L, H) -> (y (B, L, H), state).  Differentiable."""
     algorithm = _resolve_scan(config, scan_type, x.device)
     scan = _scan_for(config.version, algorithm, config.chunk_size, compile_scan)
-    return mixer_forward(params, x, config, state, scan=scan, xp=xp_torch)
+    return mixer_forward(
+        params, x, config, state, scan=scan, xp=xp_torch, attention_mask=attention_mask
+    )
 
 
 def torch_step(params: Mapping[str, Array], state: MambaState, x_t: Array, config: MambaConfig):
@@ -326,9 +329,15 @@ class TorchBackend(Backend):
         device = torch.device("cuda" if platform == "gpu" else "cpu")
         return _chunk(algorithm, config.chunk_size, device, config.version)
 
-    def forward(self, params, x, config: MambaConfig, state: MambaState | None, scan_type: str):
+    def forward(self, params, x, config: MambaConfig, state, scan_type: str, attention_mask=None):
         return torch_forward(
-            params, x, config, state, scan_type=scan_type, compile_scan=_compile_default()
+            params,
+            x,
+            config,
+            state,
+            scan_type=scan_type,
+            compile_scan=_compile_default(),
+            attention_mask=attention_mask,
         )
 
     def step(self, params, state: MambaState, x_t, config: MambaConfig):
@@ -343,6 +352,18 @@ _BACKEND = TorchBackend()
 
 def get_backend() -> TorchBackend:
     return _BACKEND
+
+
+def _check_mask(mask, x: Array) -> Array:
+    """A (B, L) 0/1 mask (bool, int or float) as x's dtype on x's device."""
+    if not isinstance(mask, torch.Tensor):
+        mask = torch.as_tensor(np.asarray(to_numpy(mask)))
+    if tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(
+            f"mask must be (batch, seq_len) = {tuple(x.shape[:2])} of 0/1 (1 = real token); "
+            f"received mask.shape={tuple(mask.shape)}"
+        )
+    return mask.to(device=x.device, dtype=x.dtype)
 
 
 # ---------------------------------------------------------------- the nn.Module
@@ -469,16 +490,32 @@ class MambaTorch(nn.Module):
 
         return validate_state(state, self.config, x.shape[0], owner="MambaTorch", convert=convert)
 
-    def forward(self, x: Array, state: MambaState | None = None, *, return_state: bool = False):
+    def forward(
+        self,
+        x: Array,
+        mask: Array | None = None,
+        state: Any = None,
+        *,
+        return_state: bool = False,
+    ):
         """x (B, L, H) -> y (B, L, H) in x's dtype (and the state, with `return_state`).
 
-        `state` may be a `MambaState`, a (conv_state, ssm_state) tuple or a mapping, its
-        arrays of any library; it is checked against the config."""
+        `mask` (B, L) of 0/1 (1 = real token; the `block(x, mask)` convention of host
+        models): padded positions leave the state unchanged and feed nothing to later
+        tokens.  `state` may be a `MambaState`, a (conv_state, ssm_state) tuple or a mapping,
+        its arrays of any library; it is checked against the config."""
         self._check(x, 3, "x")
         if state is not None:
             state = self._state(state, x)
+        if mask is not None:
+            mask = _check_mask(mask, x)
         y, new_state = torch_forward(
-            self.params_dict(), x, self.config, state, compile_scan=self.compile_scan
+            self.params_dict(),
+            x,
+            self.config,
+            state,
+            compile_scan=self.compile_scan,
+            attention_mask=mask,
         )
         return (y, new_state) if return_state else y
 

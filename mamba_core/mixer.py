@@ -104,12 +104,16 @@ def mixer_forward(
     *,
     scan: ScanFn | None = None,
     xp=None,
+    attention_mask: Array | None = None,
 ):
     """The mixer over a whole sequence: x (B, L, hidden) -> (out (B, L, hidden), state).
 
-    `scan` replaces the core's scan for `config.scan_type` (a backend's native kernel).
+    `scan` replaces the core's scan for `config.scan_type` (a backend's native kernel);
+    `attention_mask` (B, L) of 0/1 (1 = real token) leaves padded positions out.
     """
-    return mixer_for(config).forward(params, x, config, state, scan=scan, xp=xp)
+    return mixer_for(config).forward(
+        params, x, config, state, scan=scan, xp=xp, attention_mask=attention_mask
+    )
 
 
 def mixer_step(

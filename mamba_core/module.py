@@ -182,6 +182,21 @@ class MambaModule(IModule):
 
         return validate_state(state, self.config, batch, owner="MambaModule", convert=convert)
 
+    def _mask(self, mask: Any, shape: tuple[int, int]):
+        """A (batch, seq_len) mask of 0/1 (bool, int or float) as a backend array."""
+        arr = np.asarray(to_numpy(mask))
+        if arr.shape != shape:
+            raise ValueError(
+                f"MambaModule expected attention_mask of shape (batch, seq_len) = {shape} (1 = "
+                f"real token, 0 = padding); received attention_mask.shape={arr.shape}"
+            )
+        if arr.dtype.kind not in "biuf" or not np.isin(arr, (0, 1)).all():
+            raise ValueError(
+                "MambaModule expected attention_mask of 0 (padding) and 1 (real token) only; "
+                f"received dtype {arr.dtype} with values {np.unique(arr)[:5]}"
+            )
+        return self.backend.asarray(arr.astype(np.float64), self._dtype, self._device)
+
     def _scan_used(self) -> str:
         if self.config.scan_type != "auto":
             return self.config.scan_type
@@ -218,10 +233,20 @@ class MambaModule(IModule):
         return self.dtype if self._scan_dtype() == self._dtype else "float32"
 
     # ------------------------------------------------------------------ the interface
-    def __call__(self, inputs: Any, training: bool = False, *, state: Any = None) -> dict[str, Any]:
+    def __call__(
+        self,
+        inputs: Any,
+        training: bool = False,
+        *,
+        state: Any = None,
+        attention_mask: Any = None,
+    ) -> dict[str, Any]:
         """Run the mixer over `inputs` (batch, seq_len, hidden_size).
 
         `state=` continues from a previous call's `result["state"]` (or `init_state`);
+        `attention_mask` (batch, seq_len) of 0/1 (1 = real token, the HuggingFace
+        convention): padded positions leave the state unchanged and feed nothing to later
+        tokens, so the real positions of a left-padded row equal the unpadded run;
         `training` is recorded (the mixer has no dropout, so it changes no math).
         """
         if not isinstance(training, bool):
@@ -229,8 +254,11 @@ class MambaModule(IModule):
         x = self._array(inputs, "inputs", 3)
         batch, length, _ = x.shape
         st = None if state is None else self._state(state, batch)
+        mask = None if attention_mask is None else self._mask(attention_mask, (batch, length))
         scan_used = self._scan_used()
-        output, new_state = self.backend.forward(self.params, x, self.config, st, scan_used)
+        output, new_state = self.backend.forward(
+            self.params, x, self.config, st, scan_used, attention_mask=mask
+        )
         metrics = self._metrics(batch, length, scan_used)
         self._calls += 1
         return {
@@ -238,6 +266,7 @@ class MambaModule(IModule):
             "metrics": metrics,
             "processing_info": {
                 "module_type": "MambaModule",
+                "memory_efficiency": f"O(1) state per sequence: {self._state_bytes(batch)} bytes",
                 "architecture": mixer_for(self.config).ARCHITECTURE,
                 "complexity_advantage": f"O(n) vs O(n²) for seq_len={length}",
                 "training_mode": training,
@@ -247,6 +276,14 @@ class MambaModule(IModule):
             "success": True,
             "state": new_state,
         }
+
+    def _state_bytes(self, batch: int) -> int:
+        from .mixer import state_shapes
+
+        item = np.dtype("float32" if self._scan_dtype_name() == "float32" else self.dtype).itemsize
+        return int(
+            sum(np.prod(shape) for shape, _ in state_shapes(self.config, batch).values()) * item
+        )
 
     def init_state(self, batch_size: int) -> MambaState:
         """The zero state of a fresh sequence for `batch_size` sequences."""

@@ -119,7 +119,9 @@ class Backend:
             return int(config.chunk_size)
         return mixer_for(config).default_chunk(algorithm)
 
-    def forward(self, params, x, config: MambaConfig, state: Any, scan_type: str):
+    def forward(
+        self, params, x, config: MambaConfig, state: Any, scan_type: str, attention_mask=None
+    ):
         raise NotImplementedError
 
     def prepare(self, params, config: MambaConfig):
@@ -133,6 +135,53 @@ class Backend:
     def call_info(self) -> dict[str, Any]:
         """Extra per-call metrics (e.g. compile time); empty by default."""
         return {}
+
+    # ---------------------------------------------------------------- language models
+    def asarray_int(self, value, device=None):
+        """Token ids (a NumPy int64 array) as a native integer array."""
+        return self.asarray(value, None, device)
+
+    def lm_forward(self, params, ids, config, states, attention_mask, dtype):
+        """`mamba_core.models.lm_forward` with this backend's mixer (its native scans)."""
+        from .models import lm_forward
+
+        mixer_cfg = config.mixer
+        scan_type = (
+            mixer_cfg.scan_type
+            if mixer_cfg.scan_type != "auto"
+            else self.auto_scan(self.platform(getattr(self, "_lm_device", None)), mixer_cfg)
+        )
+
+        def mixer(p, v, s, m):
+            return self.forward(p, v, mixer_cfg, s, scan_type, attention_mask=m)
+
+        return lm_forward(
+            params, ids, config, states, dtype=dtype, mixer=mixer, attention_mask=attention_mask,
+            xp=self.xp,
+        )  # fmt: skip
+
+    def prepare_lm(self, params, config):
+        """`params` plus each layer's decode-time constants (see `prepare`)."""
+        out = dict(params)
+        for i in range(config.n_layer):
+            prefix = f"backbone.layers.{i}.mixer."
+            layer = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
+            for name, value in self.prepare(layer, config.mixer).items():
+                out[prefix + name] = value
+        return out
+
+    def lm_step(self, params, states, ids, config, dtype):
+        """One decode step of the whole model: ids (B,) -> (logits (B, V), states)."""
+        from .models import lm_forward
+
+        def mixer(p, v, s, m):
+            y, st = self.step(p, s, v[:, 0, :], config.mixer)
+            return y[:, None, :], st
+
+        logits, new_states = lm_forward(
+            params, ids[:, None], config, states, dtype=dtype, mixer=mixer, xp=self.xp
+        )
+        return logits[:, 0, :], new_states
 
 
 _INSTANCES: dict[str, Backend] = {}

@@ -257,7 +257,7 @@ def _entry_points(cfg, rng):
             lambda x, s: mj.step(jparams, s, jnp.asarray(x, jnp.float32), cfg),
         ),
         "MambaTorch": (
-            lambda x, s: tmod(torch.as_tensor(x, dtype=torch.float32), s, return_state=True),
+            lambda x, s: tmod(torch.as_tensor(x, dtype=torch.float32), state=s, return_state=True),
             lambda x, s: tmod.step(torch.as_tensor(x, dtype=torch.float32), s),
         ),
         "MambaFlax": (

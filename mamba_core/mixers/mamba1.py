@@ -192,6 +192,7 @@ def forward(
     *,
     scan: ScanFn | None = None,
     xp=None,
+    attention_mask: Array | None = None,
 ) -> tuple[Array, MambaState]:
     """The mixer over a whole sequence.
 
@@ -199,6 +200,10 @@ def forward(
     continue from (None = a fresh sequence).  `scan(u, dt, A, Bm, Cm, h0) -> (y, h)` replaces
     the selective scan (a backend's native kernel); default: the core's for
     `config.scan_type`.
+
+    `attention_mask` (B, L) of 0/1 (1 = real token): a padded position feeds nothing to the
+    conv (its input is zeroed) and leaves the SSM state unchanged (its dt is zeroed: decay 1,
+    input 0), so real positions of a left-padded row equal the unpadded run.
 
     Returns out (B, L, H) in x's dtype and the state after the last token.
     """
@@ -217,6 +222,8 @@ def forward(
 
     xz = linear(x, p("in_proj.weight"), p("in_proj.bias") if config.use_bias else None, xp=xp)
     x_in, z = xz[..., :e], xz[..., e:]
+    if attention_mask is not None:
+        x_in = x_in * cast(attention_mask, dtype, xp)[..., None]
     conv_state = None if state is None else cast(state.conv_state, dtype, xp)
     x_conv, new_conv_state = causal_conv1d(
         x_in,
@@ -230,6 +237,8 @@ def forward(
     dt_low, b_mat, c_mat = x_dbl[..., :r], x_dbl[..., r : r + n], x_dbl[..., r + n :]
     dt = linear(dt_low, p("dt_proj.weight"), xp=xp)
     dt = softplus(cast(dt, sdtype, xp) + cast(params["dt_proj.bias"], sdtype, xp), xp=xp)
+    if attention_mask is not None:
+        dt = dt * cast(attention_mask, sdtype, xp)[..., None]
     if "A" in params:  # precomputed by `prepare` (decode loops)
         a_mat = cast(params["A"], sdtype, xp)
     else:

@@ -195,10 +195,12 @@ def forward(
     *,
     scan: ScanFn | None = None,
     xp=None,
+    attention_mask: Array | None = None,
 ) -> tuple[Array, Mamba2State]:
     """The mixer over a whole sequence: x (B, L, D) -> out (B, L, D), state after the last
     token.  `scan(x, dt, A, Bm, Cm, S0) -> (y, S)` replaces the core's scan for
-    `config.scan_type` (a backend's native kernel)."""
+    `config.scan_type` (a backend's native kernel).  `attention_mask` (B, L) of 0/1: padded
+    positions feed nothing to the conv and leave the state unchanged (as in Mamba-1)."""
     xp = xp if xp is not None else array_namespace(x)
     if scan is None:
         algorithm = "cumulative" if config.scan_type == "auto" else config.scan_type
@@ -215,6 +217,8 @@ def forward(
     proj = linear(x, w("in_proj.weight"), w("in_proj.bias") if config.use_bias else None, xp=xp)
     c = conv_dim(config)
     z, xbc, dt = proj[..., :e], proj[..., e : e + c], proj[..., e + c :]
+    if attention_mask is not None:
+        xbc = xbc * cast(attention_mask, dtype, xp)[..., None]
     conv_state = None if state is None else cast(state.conv_state, dtype, xp)
     xbc, new_conv_state = causal_conv1d(
         xbc,
@@ -231,6 +235,8 @@ def forward(
     lo, hi = config.time_step_limit
     if lo > 0 or hi < math.inf:
         dt = xp.clip(dt, min=lo if lo > 0 else None, max=hi if hi < math.inf else None)
+    if attention_mask is not None:
+        dt = dt * cast(attention_mask, sdtype, xp)[..., None]
     if "A" in params:  # precomputed by `prepare` (decode loops)
         a_vec = cast(params["A"], sdtype, xp)
     else:
