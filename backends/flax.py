@@ -29,12 +29,14 @@ from flax import nnx
 from mamba_core.checks import check_input_shape
 from mamba_core.config import MambaConfig, resolve_config
 from mamba_core.io import CheckpointWeights
+from mamba_core.lm import GenerationMixin
 from mamba_core.mixer import MambaState, init_state, param_shapes
-from mamba_core.params import check_state_dict, init_params, to_numpy
+from mamba_core.models import LMConfig, init_lm_params, lm_param_shapes
+from mamba_core.params import check_state_dict, init_params, raise_mismatch, to_numpy
 
 from .jax import forward, step
 
-__all__ = ["MambaFlax"]
+__all__ = ["MambaBlockFlax", "MambaFlax", "MambaLMFlax"]
 
 
 class _Params(nnx.Module):
@@ -150,3 +152,143 @@ class MambaFlax(nnx.Module):
         return init_state(
             self.config, batch_size, dtype=dtype or self.dtype or self.param_dtype, xp=jnp
         )
+
+
+# ---------------------------------------------------------------- blocks and language models
+def _nested(flat: Mapping[str, Any]) -> Any:
+    """{"a.0.b": v} -> {"a": {"0": {"b": v}}}."""
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        *owners, leaf = name.split(".")
+        node = tree
+        for part in owners:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def _module_of(tree: Mapping[str, Any]) -> Any:
+    """Holders for dict nodes (nnx.List where every key is an index), nnx.Param leaves: so
+    that joined parameter paths are exactly the flat names."""
+    children = {
+        k: (_module_of(v) if isinstance(v, dict) else nnx.Param(v)) for k, v in tree.items()
+    }
+    if children and all(k.isdigit() for k in children):
+        return nnx.List([children[str(i)] for i in range(len(children))])
+    holder = _Params()
+    for k, v in children.items():
+        setattr(holder, k, v)
+    return holder
+
+
+class MambaLMFlax(GenerationMixin, nnx.Module):
+    """A Mamba language model as a Flax NNX module; parameter paths join to the HuggingFace
+    names (`backbone.embeddings.weight`, `backbone.layers.0.mixer.in_proj.weight`, ...).
+    The computation is the JAX backend's (the whole model under one jit)."""
+
+    def __init__(
+        self,
+        config: LMConfig | Mapping[str, Any],
+        *,
+        rngs: nnx.Rngs | None = None,
+        seed: int | None = None,
+        param_dtype: Any = jnp.float32,
+        state_dict: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.config = config if isinstance(config, LMConfig) else LMConfig.from_dict(config)
+        self.param_dtype = param_dtype
+        shapes = lm_param_shapes(self.config)
+        if state_dict is None:
+            if seed is None:
+                if rngs is None:
+                    raise TypeError("MambaLMFlax needs rngs=nnx.Rngs(...) or seed=<int>")
+                seed = int(jax.random.randint(rngs.params(), (), 0, 2**31 - 1))
+            state_dict = init_lm_params(self.config, seed)
+        else:
+            found = {
+                k: (tuple(getattr(v, "shape", np.shape(v))), "float32")
+                for k, v in state_dict.items()
+            }
+            if self.config.tie_embeddings:
+                found.pop("lm_head.weight", None)
+            raise_mismatch(found, shapes, config=self.config)
+        flat = {k: jnp.asarray(to_numpy(state_dict[k]), dtype=param_dtype) for k in shapes}
+        for name, module in vars(_module_of(_nested(flat))).items():
+            if isinstance(module, (nnx.Module, nnx.List, nnx.Param)):
+                setattr(self, name, module)
+
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs) -> MambaLMFlax:
+        from mamba_core.checkpoints import read_lm_checkpoint
+
+        config, weights, _ = read_lm_checkpoint(directory)
+        return cls(config, state_dict=weights, **kwargs)
+
+    def params_dict(self) -> dict[str, jax.Array]:
+        flat = nnx.to_flat_state(nnx.state(self, nnx.Param))
+        return {".".join(map(str, path)): var.get_value() for path, var in flat}
+
+    def __call__(self, input_ids, attention_mask=None, states=None, *, return_states=False):
+        """input_ids (B, L) -> logits (B, L, V) (and the per-layer states)."""
+        from .jax import _lm_jit
+
+        ids = jnp.asarray(input_ids)
+        mask = None if attention_mask is None else jnp.asarray(attention_mask, self.param_dtype)
+        logits, new_states = _lm_jit(
+            self.params_dict(),
+            ids,
+            states,
+            mask,
+            config=self.config,
+            dtype=jnp.dtype(self.param_dtype),
+        )
+        return (logits, new_states) if return_states else logits
+
+    def step(self, token_ids, states):
+        """One decode step: token_ids (B,) -> (logits (B, V), new per-layer states)."""
+        from .jax import _lm_step_jit
+
+        return _lm_step_jit(
+            self.params_dict(),
+            list(states),
+            jnp.asarray(token_ids),
+            config=self.config,
+            dtype=jnp.dtype(self.param_dtype),
+        )
+
+    def _prefill(self, ids, attention_mask):
+        logits, states = self(ids, attention_mask, return_states=True)
+        return to_numpy(logits[:, -1, :]), states
+
+    def _decode(self, ids, states):
+        logits, states = self.step(ids, states)
+        return to_numpy(logits), states
+
+
+class MambaBlockFlax(nnx.Module):
+    """A pre-norm residual block as an NNX module: `block(x, mask)`; parameters
+    `norm.weight` and `mixer.<official names>`."""
+
+    def __init__(self, config=None, *, norm_epsilon: float = 1e-5, residual_in_fp32: bool = True,
+                 **kwargs: Any) -> None:  # fmt: skip
+        self.mixer = MambaFlax(config, **kwargs)
+        self.config = self.mixer.config
+        self.norm = _Params(weight=jnp.ones(self.config.hidden_size, self.mixer.param_dtype))
+        self.norm_epsilon, self.residual_in_fp32 = norm_epsilon, residual_in_fp32
+
+    def __call__(self, x, mask=None, state=None, *, return_state: bool = False):
+        from mamba_core.models import block_forward
+
+        x = self.mixer._input(x, 3, "x")
+        params = self.mixer.params_dict()
+        scan_type = self.mixer.scan_type
+
+        def run(p, v, s, m):
+            return forward(p, v, self.config, s, scan_type=scan_type, attention_mask=m)
+
+        y, new_state = block_forward(
+            self.norm.weight.get_value(), params, x, self.config, state, mixer=run,
+            attention_mask=None if mask is None else jnp.asarray(mask, x.dtype),
+            norm_epsilon=self.norm_epsilon, residual_in_fp32=self.residual_in_fp32, xp=jnp,
+        )  # fmt: skip
+        return (y, new_state) if return_state else y

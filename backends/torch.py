@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from mamba_core.checks import check_input_shape
 from mamba_core.config import MambaConfig, resolve_config
 from mamba_core.io import CheckpointWeights
+from mamba_core.lm import GenerationMixin
 from mamba_core.mixer import (
     MambaState,
     init_state,
@@ -48,12 +49,24 @@ from mamba_core.mixer import (
     validate_state,
 )
 from mamba_core.mixers import mixer_for
-from mamba_core.params import check_state_dict, init_params, to_numpy
+from mamba_core.models import LMConfig, init_lm_params, lm_param_shapes
+from mamba_core.params import check_state_dict, init_params, raise_mismatch, to_numpy
 from mamba_core.registry import Backend
 from mamba_core.scan import ALGORITHMS, DEFAULT_CHUNK
 from mamba_core.ssd import SSD_ALGORITHMS, SSD_DEFAULT_CHUNK
 
-__all__ = ["MambaTorch", "TorchBackend", "get_backend", "torch_forward", "torch_step"]
+__all__ = [
+    "HFMixerAdapter",
+    "MambaBlockTorch",
+    "MambaLMTorch",
+    "MambaTorch",
+    "TorchBackend",
+    "build_parameters",
+    "get_backend",
+    "replace_mixers",
+    "torch_forward",
+    "torch_step",
+]
 
 Array = torch.Tensor
 #: chunk length per (device type, mixer version) and algorithm where the config says
@@ -354,6 +367,23 @@ def get_backend() -> TorchBackend:
     return _BACKEND
 
 
+def build_parameters(module: nn.Module, shapes: Mapping[str, tuple[int, ...]], device, dtype):
+    """One `nn.Parameter` per dotted name, in nested plain submodules: "in_proj.weight" is
+    the `weight` of a submodule `in_proj`, "backbone.layers.0.norm.weight" four levels down,
+    so `named_parameters()` / `state_dict()` keys are exactly the given (official,
+    HuggingFace) names, whatever the model."""
+    for name, shape in shapes.items():
+        *owners, leaf = name.split(".")
+        holder = module
+        for part in owners:
+            if not hasattr(holder, part):
+                holder.add_module(part, nn.Module())
+            holder = getattr(holder, part)
+        holder.register_parameter(
+            leaf, nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        )
+
+
 def _check_mask(mask, x: Array) -> Array:
     """A (B, L) 0/1 mask (bool, int or float) as x's dtype on x's device."""
     if not isinstance(mask, torch.Tensor):
@@ -412,18 +442,7 @@ class MambaTorch(nn.Module):
         self._copy_in(init_params(cfg, seed))
 
     def _build(self, shapes: Mapping[str, tuple[int, ...]], device, dtype) -> None:
-        """One `nn.Parameter` per official name: "in_proj.weight" is the `weight` of a
-        submodule `in_proj`, so `named_parameters()` / `state_dict()` keys are exactly the
-        official (and HuggingFace) ones, whatever the mixer."""
-        for name, shape in shapes.items():
-            param = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
-            owner, _, leaf = name.rpartition(".")
-            if not owner:
-                self.register_parameter(leaf, param)
-                continue
-            if not hasattr(self, owner):
-                self.add_module(owner, nn.Module())
-            getattr(self, owner).register_parameter(leaf, param)
+        build_parameters(self, shapes, device, dtype)
 
     # -------------------------------------------------------------- weights
     def params_dict(self) -> dict[str, nn.Parameter]:
@@ -540,3 +559,240 @@ class MambaTorch(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.config.describe()}, scan_type={self.config.scan_type!r}"
+
+
+# ---------------------------------------------------------------- blocks and language models
+class MambaBlockTorch(nn.Module):
+    """A pre-norm residual block (RMSNorm -> mixer -> residual add) as an `nn.Module`:
+    `block(x, mask)` (the host-model convention), parameters `norm.weight` and
+    `mixer.<official names>`."""
+
+    def __init__(
+        self,
+        config: MambaConfig | Mapping[str, Any] | None = None,
+        *,
+        norm_epsilon: float = 1e-5,
+        residual_in_fp32: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.mixer = MambaTorch(config, **kwargs)
+        self.config = self.mixer.config
+        self.norm_epsilon, self.residual_in_fp32 = norm_epsilon, residual_in_fp32
+        build_parameters(
+            self, {"norm.weight": (self.config.hidden_size,)}, None, self.mixer.A_log.dtype
+        )
+        with torch.no_grad():
+            self.norm.weight.fill_(1.0)
+        self.norm.to(self.mixer.A_log.device)
+
+    def forward(
+        self, x: Array, mask: Array | None = None, state: Any = None, *, return_state=False
+    ):
+        """x (B, L, H) -> x + mixer(rmsnorm(x)) (and the mixer state, with `return_state`)."""
+        from mamba_core.models import block_forward
+
+        self.mixer._check(x, 3, "x")
+        if state is not None:
+            state = self.mixer._state(state, x)
+        mixer = self.mixer
+
+        def run(p, v, s, m):
+            return mixer(v, m, s, return_state=True)
+
+        y, new_state = block_forward(
+            self.norm.weight, None, x, self.config, state, mixer=run, attention_mask=mask,
+            norm_epsilon=self.norm_epsilon, residual_in_fp32=self.residual_in_fp32, xp=xp_torch,
+        )  # fmt: skip
+        return (y, new_state) if return_state else y
+
+
+class MambaLMTorch(GenerationMixin, nn.Module):
+    """A Mamba language model as an `nn.Module` whose `state_dict()` keys are exactly the
+    HuggingFace `MambaForCausalLM` / `Mamba2ForCausalLM` ones (strict loading both ways; a
+    tied `lm_head.weight` in a loaded dict is accepted and ignored).
+
+        lm = MambaLMTorch(LMConfig(...), seed=0)          # or MambaLMTorch.from_pretrained(dir)
+        logits = lm(input_ids)                            # (B, L, V)
+        logits, states = lm(input_ids, return_states=True)
+        logits, states = lm.step(next_ids, states)
+        lm.generate(input_ids, max_new_tokens=32)
+    """
+
+    def __init__(
+        self,
+        config: LMConfig | Mapping[str, Any],
+        *,
+        seed: int | None = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        state_dict: Mapping[str, Any] | None = None,
+    ) -> None:
+        nn.Module.__init__(self)
+        self.config = config if isinstance(config, LMConfig) else LMConfig.from_dict(config)
+        shapes = lm_param_shapes(self.config)
+        if state_dict is not None:
+            found = {k: (tuple(np.shape(v) if not hasattr(v, "shape") else v.shape), "float32")
+                     for k, v in state_dict.items()}  # fmt: skip
+            if self.config.tie_embeddings:
+                found.pop("lm_head.weight", None)
+            raise_mismatch(found, shapes, config=self.config)
+        build_parameters(self, shapes, "meta" if state_dict is not None else device, dtype)
+        if state_dict is not None:
+            self.to_empty(
+                device=torch.device(device) if device is not None else torch.get_default_device()
+            )
+            arrays = state_dict
+        else:
+            if seed is None:
+                seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            arrays = init_lm_params(self.config, seed)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                param.copy_(torch.as_tensor(np.asarray(to_numpy(arrays[name])), dtype=param.dtype))
+        if self.config.tie_embeddings:
+            self.register_load_state_dict_pre_hook(_drop_tied_head)
+
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs) -> MambaLMTorch:
+        """A local HuggingFace or official checkpoint (see `mamba_core.lm.MambaLM`)."""
+        from mamba_core.checkpoints import read_lm_checkpoint
+
+        config, weights, _ = read_lm_checkpoint(directory)
+        return cls(config, state_dict=weights, **kwargs)
+
+    def params_dict(self) -> dict[str, nn.Parameter]:
+        return dict(self.named_parameters())
+
+    def _run(self, ids: Array, states, mask, step: bool):
+        from mamba_core.models import lm_forward
+
+        cfg = self.config.mixer
+        if step:
+
+            def mixer(p, v, s, m):
+                y, st = torch_step(p, s, v[:, 0, :], cfg)
+                return y[:, None, :], st
+
+        else:
+
+            def mixer(p, v, s, m):
+                return torch_forward(p, v, cfg, s, attention_mask=m)
+
+        dtype = self.backbone.embeddings.weight.dtype
+        return lm_forward(
+            self.params_dict(), ids, self.config, states, dtype=dtype, mixer=mixer,
+            attention_mask=mask, xp=xp_torch,
+        )  # fmt: skip
+
+    def forward(self, input_ids: Array, attention_mask: Array | None = None, states=None, *,
+                return_states: bool = False):  # fmt: skip
+        """input_ids (B, L) -> logits (B, L, V) (and the per-layer states)."""
+        ids = torch.as_tensor(input_ids, device=self.backbone.embeddings.weight.device)
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask).to(
+                ids.device, self.backbone.embeddings.weight.dtype
+            )
+        logits, new_states = self._run(ids, states, attention_mask, step=False)
+        return (logits, new_states) if return_states else logits
+
+    def step(self, token_ids: Array, states: list):
+        """One decode step: token_ids (B,) -> (logits (B, V), new per-layer states)."""
+        ids = torch.as_tensor(token_ids, device=self.backbone.embeddings.weight.device)
+        logits, new_states = self._run(ids[:, None], states, None, step=True)
+        return logits[:, 0, :], new_states
+
+    @torch.no_grad()
+    def _prefill(self, ids, attention_mask):
+        logits, states = self(torch.from_numpy(ids), attention_mask, return_states=True)
+        return to_numpy(logits[:, -1, :]), states
+
+    @torch.no_grad()
+    def _decode(self, ids, states):
+        logits, states = self.step(torch.from_numpy(np.asarray(ids)), states)
+        return to_numpy(logits), states
+
+
+def _drop_tied_head(module, state_dict, prefix, *args, **kwargs):
+    state_dict.pop(prefix + "lm_head.weight", None)
+
+
+# ---------------------------------------------------------------- HuggingFace hosts
+class HFMixerAdapter(MambaTorch):
+    """A `MambaTorch` that speaks transformers' mixer protocol: `forward(hidden_states,
+    cache=None, attention_mask=None)`, reading and writing the layer's conv and recurrent
+    states in the host's `Cache` (`get_conv_state` / `get_recurrent_state`,
+    `update_conv_state` / `update_recurrent_state`), so the host's forward, training and
+    `generate()` work unchanged."""
+
+    def __init__(self, config, layer_idx: int, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+        length = hidden_states.shape[1]
+        state = None
+        if cache is not None:
+            conv = cache.get_conv_state(self.layer_idx, state_idx=0)
+            rec = cache.get_recurrent_state(self.layer_idx, state_idx=0)
+            if conv is not None and rec is not None and conv.shape[-1] == self.config.d_conv:
+                state = MambaState(conv, rec)
+        mask = None
+        if attention_mask is not None and attention_mask.dim() == 2 and length > 1:
+            mask = attention_mask[:, -length:]
+        y, new_state = super().forward(hidden_states, mask, state, return_state=True)
+        if cache is not None:
+            cache.update_conv_state(
+                new_state.conv_state, self.layer_idx, conv_kernel_size=self.config.d_conv
+            )
+            cache.update_recurrent_state(new_state.ssm_state, self.layer_idx)
+        return y
+
+
+def _hf_mixer_config(mixer) -> MambaConfig:
+    """Our config of a transformers MambaMixer (it keeps its config) or Mamba2Mixer (read
+    from its attributes)."""
+    from mamba_core.checkpoints import config_from_hf
+
+    if hasattr(mixer, "config"):
+        hf = mixer.config.to_dict()
+    else:
+        hf = {
+            "model_type": "mamba2",
+            "hidden_size": mixer.hidden_size,
+            "state_size": mixer.ssm_state_size,
+            "conv_kernel": mixer.conv_kernel_size,
+            "expand": mixer.intermediate_size // mixer.hidden_size,
+            "num_heads": mixer.num_heads,
+            "head_dim": mixer.head_dim,
+            "n_groups": mixer.n_groups,
+            "use_bias": mixer.use_bias,
+            "use_conv_bias": mixer.use_conv_bias,
+            "hidden_act": mixer.activation,
+            "layer_norm_epsilon": mixer.layer_norm_epsilon,
+            "time_step_limit": tuple(mixer.time_step_limit),
+            "vocab_size": 1,
+        }
+    return config_from_hf({**hf, "num_hidden_layers": 1}).mixer
+
+
+def replace_mixers(model: nn.Module) -> int:
+    """Swap every transformers `MambaMixer` / `Mamba2Mixer` inside `model` for an
+    `HFMixerAdapter` (a `MambaTorch`) with the same weights (strict) on the same device and
+    dtype.  The host's own forward, training and `generate()` (with its cache) keep working.
+    Returns how many mixers were replaced."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child).__name__ not in ("MambaMixer", "Mamba2Mixer"):
+                continue
+            weight = child.in_proj.weight
+            adapter = HFMixerAdapter(
+                _hf_mixer_config(child), child.layer_idx, state_dict=child.state_dict(),
+                device=weight.device, dtype=weight.dtype,
+            )  # fmt: skip
+            adapter.load_state_dict(child.state_dict(), strict=True)
+            adapter.train(child.training)
+            setattr(parent, child_name, adapter)
+            replaced += 1
+    return replaced

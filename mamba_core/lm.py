@@ -25,7 +25,7 @@ from .module import MambaModule, _dtype_name
 from .params import raise_mismatch, to_numpy
 from .registry import get_backend
 
-__all__ = ["MambaBlock", "MambaLM", "sample_next"]
+__all__ = ["GenerationMixin", "MambaBlock", "MambaLM", "sample_next"]
 
 
 def _ids(value: Any, what: str, vocab: int, ndim: int) -> np.ndarray:
@@ -94,7 +94,72 @@ def sample_next(
     return np.minimum((np.cumsum(probs, axis=-1) < u).sum(axis=-1), probs.shape[-1] - 1)
 
 
-class MambaLM:
+class GenerationMixin:
+    """`generate` for any model with `_prefill(ids, attention_mask) -> (last logits (B, V)
+    as NumPy, states)`, `_decode(ids (B,), states) -> (logits (B, V) as NumPy, states)` and
+    `config.vocab_size`: the same loop (and the same NumPy sampling) on every backend."""
+
+    def generate(
+        self,
+        input_ids: Any,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        do_sample: bool = False,
+        seed: int | None = None,
+        eos_token_id: int | None = None,
+        attention_mask: Any = None,
+        stream: bool = False,
+    ):
+        """Prompt (B, L) -> the prompt followed by up to `max_new_tokens` tokens (B, L + T)
+        as a NumPy int64 array; with `stream=True`, an iterator of the new tokens (B,) one
+        step at a time.  The prompt is prefilled with one forward call, then every token is
+        one O(1) step.  Prompts of different lengths: left-pad them and pass
+        `attention_mask` (1 = real token).  Rows that produced `eos_token_id` continue with it;
+        generation stops when every row has.  Sampling (`do_sample`, `temperature`, `top_k`,
+        `top_p`) draws from a NumPy generator seeded with `seed`.
+        """
+        ids = _ids(input_ids, "input_ids", self.config.vocab_size, 2)
+        if (
+            not isinstance(max_new_tokens, int)
+            or isinstance(max_new_tokens, bool)
+            or max_new_tokens < 0
+        ):
+            raise ValueError(f"max_new_tokens must be an int >= 0; received {max_new_tokens!r}")
+        if do_sample and not (temperature > 0):
+            raise ValueError(f"temperature must be > 0 when sampling; received {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive int or None; received {top_k!r}")
+        if top_p is not None and not (0 < top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] or None; received {top_p!r}")
+        options = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        tokens = self._generate(
+            ids, max_new_tokens, attention_mask, eos_token_id, options, np.random.default_rng(seed)
+        )
+        if stream:
+            return tokens
+        new = list(tokens)
+        return np.concatenate([ids, np.stack(new, axis=1)], axis=1) if new else ids
+
+    def _generate(self, ids, max_new_tokens, attention_mask, eos, options, rng) -> Iterator:
+        if max_new_tokens == 0:
+            return
+        last, states = self._prefill(ids, attention_mask)
+        done = np.zeros(ids.shape[0], dtype=bool)
+        for i in range(max_new_tokens):
+            nxt = sample_next(last, rng, **options)
+            if eos is not None:
+                nxt = np.where(done, eos, nxt)
+                done |= nxt == eos
+            yield nxt
+            if i + 1 == max_new_tokens or (eos is not None and done.all()):
+                return
+            last, states = self._decode(nxt, states)
+
+
+class MambaLM(GenerationMixin):
     """A Mamba language model (embedding -> blocks -> RMSNorm -> head) on one backend.
 
     Args:
@@ -134,12 +199,10 @@ class MambaLM:
                 found.pop("lm_head.weight", None)
             raise_mismatch(found, expected, config=self.config)
             weights = state_dict
+        owned = state_dict is None or hasattr(weights, "shapes")  # init or read from disk
         self.params = {
             name: self.backend.asarray(
-                np.array(
-                    to_numpy(weights[name]),
-                    copy=state_dict is not None and not hasattr(weights, "shapes"),
-                ),
+                np.asarray(to_numpy(weights[name])) if owned else np.array(to_numpy(weights[name])),
                 self._dtype,
                 self._device,
             )
@@ -201,61 +264,13 @@ class MambaLM:
             for _ in range(self.config.n_layer)
         ]
 
-    # ------------------------------------------------------------------ generation
-    def generate(
-        self,
-        input_ids: Any,
-        max_new_tokens: int,
-        *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        do_sample: bool = False,
-        seed: int | None = None,
-        eos_token_id: int | None = None,
-        attention_mask: Any = None,
-        stream: bool = False,
-    ):
-        """Prompt (B, L) -> the prompt followed by up to `max_new_tokens` tokens (B, L + T)
-        as a NumPy int64 array; with `stream=True`, an iterator of the new tokens (B,) one
-        step at a time.  Prompts of different lengths: left-pad them and pass
-        `attention_mask` (1 = real token).  Rows that produced `eos_token_id` continue with it.
-        """
-        ids = _ids(input_ids, "input_ids", self.config.vocab_size, 2)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0; received {max_new_tokens!r}")
-        if do_sample and not (temperature > 0):
-            raise ValueError(f"temperature must be > 0 when sampling; received {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be a positive int or None; received {top_k!r}")
-        if top_p is not None and not (0 < top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] or None; received {top_p!r}")
-        tokens = self._generate(
-            ids, max_new_tokens, attention_mask, eos_token_id,
-            dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p),
-            np.random.default_rng(seed),
-        )  # fmt: skip
-        if stream:
-            return tokens
-        new = list(tokens)
-        return np.concatenate([ids, np.stack(new, axis=1)], axis=1) if new else ids
+    def _prefill(self, ids: np.ndarray, attention_mask: Any):
+        logits, states = self(ids, attention_mask=attention_mask)
+        return to_numpy(logits[:, -1, :]), states
 
-    def _generate(self, ids, max_new_tokens, attention_mask, eos, options, rng) -> Iterator:
-        if max_new_tokens == 0:
-            return
-        logits, states = self(ids, attention_mask=attention_mask)  # prefill: one call
-        done = np.zeros(ids.shape[0], dtype=bool)
-        last = to_numpy(logits[:, -1, :])
-        for i in range(max_new_tokens):
-            nxt = sample_next(last, rng, **options)
-            if eos is not None:
-                nxt = np.where(done, eos, nxt)
-                done |= nxt == eos
-            yield nxt
-            if i + 1 == max_new_tokens or (eos is not None and done.all()):
-                return
-            logits, states = self.step(nxt, states)
-            last = to_numpy(logits)
+    def _decode(self, ids: np.ndarray, states: list):
+        logits, states = self.step(ids, states)
+        return to_numpy(logits), states
 
     # ------------------------------------------------------------------ weights
     def state_dict(self) -> dict[str, np.ndarray]:
