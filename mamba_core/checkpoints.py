@@ -69,6 +69,11 @@ def _activation(name: str, path: str) -> str:
 def config_from_hf(c: Mapping[str, Any], path: str = "config.json") -> LMConfig:
     """An `LMConfig` from a HuggingFace `MambaConfig` / `Mamba2Config` dict."""
     kind = c.get("model_type")
+    if kind not in ("mamba", "mamba2"):
+        raise CheckpointError(
+            f"{path!r}: model_type={kind!r} is not a Mamba language model (expected 'mamba' or "
+            "'mamba2')"
+        )
     try:
         common = dict(
             hidden_size=c["hidden_size"],
@@ -270,7 +275,7 @@ def _weight_files(directory: str) -> list[str]:
 
 def read_lm_checkpoint(directory: str | os.PathLike) -> tuple[LMConfig, ShardedWeights, str]:
     """(config, weights, layout) of a HuggingFace or official checkpoint directory, checked
-    before any weight is read.  `layout` is "hf", "official" or "mamba-core"."""
+    before any weight is read.  `layout` is "hf" or "official"."""
     directory = os.fspath(directory)
     cfg_path = os.path.join(directory, "config.json")
     if not os.path.isfile(cfg_path):
@@ -278,9 +283,7 @@ def read_lm_checkpoint(directory: str | os.PathLike) -> tuple[LMConfig, ShardedW
     raw = _read_json(cfg_path)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{cfg_path!r} is not a JSON object")
-    if "lm_config" in raw:  # written by MambaLM.save_pretrained next to the HF fields
-        layout, config = "mamba-core", LMConfig.from_dict(raw["lm_config"])
-    elif "model_type" in raw:
+    if "model_type" in raw:
         layout, config = "hf", config_from_hf(raw, cfg_path)
     elif "d_model" in raw:
         layout, config = "official", config_from_official(raw, cfg_path)
@@ -323,7 +326,7 @@ def write_lm_checkpoint(
         raise ValueError("save_pretrained expected a directory path; received ''")
     os.makedirs(directory, exist_ok=True)
     save_id = uuid.uuid4().hex
-    hf = {**config_to_hf(config), "lm_config": config.to_dict(), "mamba_core_save_id": save_id}
+    hf = {**config_to_hf(config), "mamba_core_save_id": save_id}
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     blob = _safetensors().save(arrays, metadata={"format": "pt", "mamba_core_save_id": save_id})
     atomic_write(os.path.join(directory, "model.safetensors"), blob)

@@ -17,6 +17,7 @@ import difflib
 import math
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -222,10 +223,12 @@ class MambaConfig:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> MambaConfig:
+    def from_dict(cls, values: Mapping[str, Any], strict: bool = True) -> MambaConfig:
         """Build from a mapping of field names; the TOML-level key `enabled` is ignored.
 
-        An unknown key raises `ValueError` with the nearest valid field name.
+        An unknown key raises `ValueError` with the nearest valid field name; with
+        `strict=False` unknown keys (another module's, in a shared table) are ignored with
+        one `UserWarning` that lists them.
         """
         if not isinstance(values, Mapping):
             raise TypeError(
@@ -234,6 +237,13 @@ class MambaConfig:
             )
         names = cls.field_names()
         unknown = [k for k in values if k not in names and k not in _TABLE_ONLY_KEYS]
+        if unknown and not strict:
+            warnings.warn(
+                f"MambaConfig ignores keys that are not its fields: {unknown}",
+                UserWarning,
+                stacklevel=2,
+            )
+            unknown = []
         if unknown:
             messages = []
             for key in unknown:
@@ -244,8 +254,11 @@ class MambaConfig:
         return cls(**{k: v for k, v in values.items() if k in names})
 
     @classmethod
-    def from_toml(cls, path: str | os.PathLike, table: str = "modules.mamba") -> MambaConfig:
-        """Read a config from the (dotted) `table` of the TOML file at `path`."""
+    def from_toml(
+        cls, path: str | os.PathLike, table: str = "modules.mamba", strict: bool = True
+    ) -> MambaConfig:
+        """Read a config from the (dotted) `table` of the TOML file at `path` (`strict` as in
+        `from_dict`)."""
         if not isinstance(table, str):
             raise TypeError(
                 f"table must be a dotted table name like 'modules.mamba' (a str); received "
@@ -272,7 +285,7 @@ class MambaConfig:
             raise ValueError(
                 f"[{table}] in {os.fspath(path)!r} is a {type(node).__name__}, expected a table"
             )
-        return cls.from_dict(node)
+        return cls.from_dict(node, strict=strict)
 
     def replace(self, **changes: Any) -> MambaConfig:
         """A copy with some fields changed (validated like a new config)."""

@@ -93,6 +93,9 @@ class MambaModule(IModule):
         device: backend device (a `jax.Device`, a `torch.device` or a string like "cuda:0");
             None for the framework's default.
         state_dict: official-name weights to load instead of initialising.
+        **fields: config fields, on their own or overriding `config`'s
+            (`MambaModule(hidden_size=768)`, `MambaModule(cfg, d_state=16)`): the upstream
+            registry builds modules as `cls(**kwargs)`.
     """
 
     def __init__(
@@ -105,8 +108,9 @@ class MambaModule(IModule):
         allow_fallback: bool = True,
         device: Any = None,
         state_dict: Mapping[str, Any] | None = None,
+        **fields: Any,
     ) -> None:
-        self.config = resolve_config(config)
+        self.config = resolve_config(config, **fields)
         if not isinstance(allow_fallback, bool):
             raise TypeError(
                 f"allow_fallback must be a bool (True or False); received "

@@ -131,3 +131,26 @@ def reference_forward_mamba2(params, x, config, state=None, lib=np):
             out = out + p["out_proj.bias"]
         outs.append(out)
     return np.stack(outs, axis=1), (np.transpose(window, (0, 2, 1)), np.stack(S, axis=1))
+
+
+def reference_lm(params, ids, lm_config):
+    """An independent float64 language model: embedding, per-layer RMSNorm + the per-token
+    mixer reference + residual, final RMSNorm, head.  Returns logits (B, L, V)."""
+    p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    eps = lm_config.norm_epsilon
+    mixer_ref = (
+        reference_forward_mamba2 if lm_config.mixer.version == "mamba2" else reference_forward
+    )
+
+    def rms(v, w):
+        return v / np.sqrt(np.mean(v**2, axis=-1, keepdims=True) + eps) * w
+
+    h = p["backbone.embeddings.weight"][np.asarray(ids)]
+    for i in range(lm_config.n_layer):
+        prefix = f"backbone.layers.{i}.mixer."
+        mixer = {k[len(prefix) :]: v for k, v in p.items() if k.startswith(prefix)}
+        y, _ = mixer_ref(mixer, rms(h, p[f"backbone.layers.{i}.norm.weight"]), lm_config.mixer)
+        h = h + y
+    h = rms(h, p["backbone.norm_f.weight"])
+    head = p["backbone.embeddings.weight"] if lm_config.tie_embeddings else p["lm_head.weight"]
+    return h @ head.T
