@@ -420,7 +420,84 @@ def task_decode2(task: dict) -> dict:
     return {"ms_per_token": 1e3 * (time.perf_counter() - start) / steps}
 
 
+# ---------------------------------------------------------------- language models
+#: the real mamba-130m / mamba2-130m shapes (random weights: nothing is downloaded)
+LM_SHAPES = {
+    "mamba": dict(hidden_size=768, d_state=16, d_conv=4, expand_factor=2, dt_rank=48),
+    "mamba2": dict(version="mamba2", hidden_size=768, d_state=128, d_conv=4, expand_factor=2,
+                   head_dim=64, n_groups=1),
+}  # fmt: skip
+LM_LAYERS, LM_VOCAB = 24, 50280
+
+
+def _hf_lm(kind: str):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "mamba":
+        cfg = transformers.MambaConfig(
+            vocab_size=LM_VOCAB, hidden_size=768, state_size=16, num_hidden_layers=LM_LAYERS,
+            expand=2, conv_kernel=4, time_step_rank=48,
+        )  # fmt: skip
+        model = transformers.MambaForCausalLM(cfg)
+    else:
+        cfg = transformers.Mamba2Config(
+            vocab_size=LM_VOCAB, hidden_size=768, state_size=128, num_hidden_layers=LM_LAYERS,
+            expand=2, conv_kernel=4, num_heads=24, head_dim=64, n_groups=1,
+        )  # fmt: skip
+        model = transformers.Mamba2ForCausalLM(cfg)
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def task_generate(task: dict) -> dict:
+    """Prefill a prompt and decode `new` tokens greedily with a 24-layer model of the real
+    130m shape: prefill seconds, decode tokens/s, peak memory growth of the whole call."""
+    impl, kind, batch = task["impl"], task["kind_lm"], task["batch"]
+    prompt, new = task.get("prompt", 512), task.get("new", 128)
+    ids = np.random.default_rng(0).integers(0, LM_VOCAB, (batch, prompt))
+    if impl == "hf":
+        import torch
+
+        model = _hf_lm(kind)
+        tids = torch.from_numpy(ids)
+
+        def run(n):
+            with torch.no_grad():
+                model.generate(tids, attention_mask=torch.ones_like(tids), max_new_tokens=n,
+                               min_new_tokens=n, do_sample=False, pad_token_id=0)  # fmt: skip
+    else:
+        from mamba_core import MambaConfig
+        from mamba_core.lm import MambaLM
+        from mamba_core.models import LMConfig
+
+        cfg = LMConfig(mixer=MambaConfig(**LM_SHAPES[kind]), n_layer=LM_LAYERS, vocab_size=LM_VOCAB)
+        model = MambaLM(cfg, backend=impl)
+
+        def run(n):
+            model.generate(ids, n)
+
+    run(2)  # warm-up (compiles on JAX)
+    base = _reset_peak()
+    start = time.perf_counter()
+    run(1)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    run(new)
+    total = time.perf_counter() - start
+    peak = _status_kib("VmHWM") - base
+    decode_s = max(total - prefill, 1e-9)
+    return {
+        "prefill_s": round(prefill, 4),
+        "decode_tokens_per_s": round(batch * (new - 1) / decode_s, 2),
+        "ms_per_step": round(1e3 * decode_s / (new - 1), 3),
+        "peak_mem_mib": round(peak / 1024, 1),
+    }
+
+
 TASKS = {
+    "generate": task_generate,
     "forward2": task_forward2,
     "decode2": task_decode2,
     "forward": task_forward,

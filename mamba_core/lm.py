@@ -21,7 +21,7 @@ import numpy as np
 from .checks import check_input_shape
 from .config import MambaConfig, resolve_config
 from .models import LMConfig, init_lm_params, lm_param_shapes, rms_norm
-from .module import MambaModule, _dtype_name
+from .module import BackendIO, MambaModule, _dtype_name
 from .params import raise_mismatch, to_numpy
 from .registry import get_backend
 
@@ -244,10 +244,9 @@ class MambaLM(GenerationMixin):
                 f"received {type(states).__name__}"
                 + (f" of length {len(states)}" if isinstance(states, (list, tuple)) else "")
             )
-        checker = MambaModule.__new__(MambaModule)  # the adapter's state check, per layer
-        checker.config, checker.backend, checker.dtype = self.config.mixer, self.backend, self.dtype
-        checker._dtype, checker._device = self._dtype, self._device
-        return [checker._state(s, batch) for s in states]
+        io = BackendIO(self.backend, self.dtype, self._device, self.config.mixer)
+        io.owner = "MambaLM"
+        return [io._state(s, batch) for s in states]
 
     def init_states(self, batch_size: int) -> list:
         """Zero states of a fresh sequence, one per layer."""

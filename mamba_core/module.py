@@ -78,7 +78,59 @@ def _dtype_name(dtype: Any) -> str:
     return name
 
 
-class MambaModule(IModule):
+class BackendIO:
+    """Inputs, states and masks brought to one backend, dtype and device with the package's
+    checks and messages (the one normalisation every entry point of the adapter uses)."""
+
+    owner = "MambaModule"
+
+    def __init__(self, backend: Backend, dtype: str, device: Any, config: MambaConfig) -> None:
+        self.backend, self.dtype, self.config = backend, dtype, config
+        self._dtype = backend.dtype(dtype)
+        self._device = device
+
+    def _scan_dtype(self):
+        return scan_dtype(self._dtype, self.config, xp=self.backend.xp)
+
+    def _native_float(self, value: Any, what: str):
+        """`value` as a backend array of a real floating dtype (one normalisation for every
+        backend: `mamba_core.checks.float_numpy` for anything not native)."""
+        if not self.backend.is_native(value) or isinstance(value, np.ma.MaskedArray):
+            return float_numpy(value, owner=self.owner, what=what, target=self.dtype)
+        if not self.backend.xp.isdtype(value.dtype, "real floating"):
+            raise float_error(self.owner, what, value.dtype, self.dtype)
+        return value
+
+    def _array(self, value: Any, what: str, ndim: int):
+        """Validate an input array and bring it to the backend, dtype and device."""
+        check_input_shape(value, ndim, self.config.hidden_size, owner=self.owner, what=what)
+        return self.backend.asarray(self._native_float(value, what), self._dtype, self._device)
+
+    def _state(self, state: Any, batch: int) -> MambaState:
+        def convert(value, field):
+            dtype = self._scan_dtype() if state_dtype_field(self.config, field) else self._dtype
+            native = self._native_float(value, f"state.{field}")
+            return self.backend.asarray(native, dtype, self._device)
+
+        return validate_state(state, self.config, batch, owner=self.owner, convert=convert)
+
+    def _mask(self, mask: Any, shape: tuple[int, int]):
+        """A (batch, seq_len) mask of 0/1 (bool, int or float) as a backend array."""
+        arr = np.asarray(to_numpy(mask))
+        if arr.shape != shape:
+            raise ValueError(
+                f"{self.owner} expected attention_mask of shape (batch, seq_len) = {shape} (1 = "
+                f"real token, 0 = padding); received attention_mask.shape={arr.shape}"
+            )
+        if arr.dtype.kind not in "biuf" or not np.isin(arr, (0, 1)).all():
+            raise ValueError(
+                f"{self.owner} expected attention_mask of 0 (padding) and 1 (real token) only; "
+                f"received dtype {arr.dtype} with values {np.unique(arr)[:5]}"
+            )
+        return self.backend.asarray(arr.astype(np.float64), self._dtype, self._device)
+
+
+class MambaModule(BackendIO, IModule):
     """One Mamba mixer layer on the chosen backend, with the upstream `MambaModule` interface.
 
     Args:
@@ -160,46 +212,6 @@ class MambaModule(IModule):
                 np.array(value, copy=True) if copy else value, self._dtype, self._device
             )
         return out
-
-    def _scan_dtype(self):
-        return scan_dtype(self._dtype, self.config, xp=self.backend.xp)
-
-    def _native_float(self, value: Any, what: str):
-        """`value` as a backend array of a real floating dtype (one normalisation for every
-        backend: `mamba_core.checks.float_numpy` for anything not native)."""
-        if not self.backend.is_native(value) or isinstance(value, np.ma.MaskedArray):
-            return float_numpy(value, owner="MambaModule", what=what, target=self.dtype)
-        if not self.backend.xp.isdtype(value.dtype, "real floating"):
-            raise float_error("MambaModule", what, value.dtype, self.dtype)
-        return value
-
-    def _array(self, value: Any, what: str, ndim: int):
-        """Validate an input array and bring it to the backend, dtype and device."""
-        check_input_shape(value, ndim, self.config.hidden_size, owner="MambaModule", what=what)
-        return self.backend.asarray(self._native_float(value, what), self._dtype, self._device)
-
-    def _state(self, state: Any, batch: int) -> MambaState:
-        def convert(value, field):
-            dtype = self._scan_dtype() if state_dtype_field(self.config, field) else self._dtype
-            native = self._native_float(value, f"state.{field}")
-            return self.backend.asarray(native, dtype, self._device)
-
-        return validate_state(state, self.config, batch, owner="MambaModule", convert=convert)
-
-    def _mask(self, mask: Any, shape: tuple[int, int]):
-        """A (batch, seq_len) mask of 0/1 (bool, int or float) as a backend array."""
-        arr = np.asarray(to_numpy(mask))
-        if arr.shape != shape:
-            raise ValueError(
-                f"MambaModule expected attention_mask of shape (batch, seq_len) = {shape} (1 = "
-                f"real token, 0 = padding); received attention_mask.shape={arr.shape}"
-            )
-        if arr.dtype.kind not in "biuf" or not np.isin(arr, (0, 1)).all():
-            raise ValueError(
-                "MambaModule expected attention_mask of 0 (padding) and 1 (real token) only; "
-                f"received dtype {arr.dtype} with values {np.unique(arr)[:5]}"
-            )
-        return self.backend.asarray(arr.astype(np.float64), self._dtype, self._device)
 
     def _scan_used(self) -> str:
         if self.config.scan_type != "auto":
