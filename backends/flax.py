@@ -135,10 +135,23 @@ class MambaFlax(nnx.Module):
             raise TypeError(f"MambaFlax expected a floating {what}, received {x.dtype}")
         return x if self.dtype is None else x.astype(self.dtype)
 
-    def __call__(self, x, state: MambaState | None = None, *, return_state: bool = False):
-        """x (B, L, H) -> y (B, L, H) (and the state after the last token, `return_state`)."""
+    def __call__(
+        self,
+        x,
+        state: MambaState | None = None,
+        *,
+        return_state: bool = False,
+        attention_mask=None,
+        seq_idx=None,
+        cu_seqlens=None,
+    ):
+        """x (B, L, H) -> y (B, L, H) (and the state after the last token, `return_state`);
+        `attention_mask`, `seq_idx`, `cu_seqlens` as in the JAX `forward`."""
         x = self._input(x, 3, "x")
-        y, new_state = forward(self.params_dict(), x, self.config, state, scan_type=self.scan_type)
+        y, new_state = forward(
+            self.params_dict(), x, self.config, state, scan_type=self.scan_type,
+            attention_mask=attention_mask, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
+        )  # fmt: skip
         return (y, new_state) if return_state else y
 
     def step(self, x_t, state: MambaState | None = None):

@@ -31,6 +31,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mamba_core.checks import packed_index
 from mamba_core.config import MambaConfig
 from mamba_core.mixer import (
     MambaState,
@@ -61,16 +62,21 @@ Array = Any
 
 # ---------------------------------------------------------------- the chunk bodies
 # Each takes the state h (B,E,N) and one time-major chunk: dt, u (T,B,E), Bm, Cm (T,B,N),
-# plus A (E,N); returns y (T,B,E) and the state after the chunk.
+# plus A (E,N) and keep (T,B) or None (0 where a packed sequence starts); returns y (T,B,E)
+# and the state after the chunk.
 
 
-def _chunk_linear(h, dt, u, Bm, Cm, A):
+def _chunk_linear(h, dt, u, Bm, Cm, A, keep=None):
     def one_step(h, xs):
-        d, du, b, c = xs
-        h = jnp.exp(d[..., None] * A) * h + du[..., None] * b[:, None, :]
+        d, du, b, c, *k = xs
+        decay = jnp.exp(d[..., None] * A)
+        if k:
+            decay = decay * k[0][:, None, None]
+        h = decay * h + du[..., None] * b[:, None, :]
         return h, jnp.einsum("ben,bn->be", h, c)
 
-    h, y = lax.scan(one_step, h, (dt, dt * u, Bm, Cm))
+    xs = (dt, dt * u, Bm, Cm) + (() if keep is None else (keep,))
+    h, y = lax.scan(one_step, h, xs)
     return y, h
 
 
@@ -80,17 +86,20 @@ def _combine(left, right):
     return a_l * a_r, a_r * b_l + b_r
 
 
-def _chunk_associative(h, dt, u, Bm, Cm, A):
+def _chunk_associative(h, dt, u, Bm, Cm, A, keep=None):
     a = jnp.exp(dt[..., None] * A)  # (T,B,E,N), in (0, 1]
+    if keep is not None:
+        a = a * keep[..., None, None]
     b = (dt * u)[..., None] * Bm[:, :, None, :]
     a_cum, b_cum = lax.associative_scan(_combine, (a, b), axis=0)
     hs = a_cum * h + b_cum
     return jnp.einsum("tben,tbn->tbe", hs, Cm), hs[-1]
 
 
-def _chunk_cumulative(h, dt, u, Bm, Cm, A):
+def _chunk_cumulative(h, dt, u, Bm, Cm, A, keep=None):
     t = functools.partial(jnp.swapaxes, axis1=0, axis2=1)
-    y, h = chunk_cumulative(h, t(dt), t(u), t(Bm), t(Cm), A, xp=jnp)
+    k = None if keep is None else t(keep)
+    y, h = chunk_cumulative(h, t(dt), t(u), t(Bm), t(Cm), A, xp=jnp, keep=k)
     return t(y), h
 
 
@@ -116,24 +125,27 @@ def chunked_scan(algorithm: str, chunk_size: int | str = "auto"):
     """A `scan(u, dt, A, Bm, Cm, h0) -> (y, h)` running `algorithm` chunk by chunk."""
     body_fn = _CHUNK_BODIES[algorithm]
 
-    def scan(u, dt, A, Bm, Cm, h0):
+    def scan(u, dt, A, Bm, Cm, h0, keep=None):
         batch, length, channels = u.shape
         size = min(chunk_length(algorithm, chunk_size), length)
         chunks = math.ceil(length / size)
         pad = chunks * size - length
 
-        def time_major(a):  # (B,L,X) -> (chunks, T, B, X); padded steps have dt = 0:
-            a = jnp.swapaxes(a, 0, 1)  # decay 1 and input 0, so they leave h unchanged
+        def time_major(a, value=0.0):  # (B,L,...) -> (chunks, T, B, ...); padded steps have
+            a = jnp.swapaxes(a, 0, 1)  # dt = 0 (keep = 1): decay 1 and input 0, h unchanged
             if pad:
-                a = jnp.pad(a, ((0, pad), (0, 0), (0, 0)))
+                a = jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1), constant_values=value)
             return a.reshape((chunks, size, *a.shape[1:]))
 
         @jax.checkpoint
         def body(h, xs):
-            y, h = body_fn(h, *xs, A)
+            y, h = body_fn(h, *xs[:4], A, *xs[4:])
             return h, y
 
-        h, ys = lax.scan(body, h0, tuple(map(time_major, (dt, u, Bm, Cm))))
+        xs = tuple(map(time_major, (dt, u, Bm, Cm)))
+        if keep is not None:
+            xs = (*xs, time_major(keep, 1.0))
+        h, ys = lax.scan(body, h0, xs)
         y = ys.reshape((chunks * size, batch, channels))[:length]
         return jnp.swapaxes(y, 0, 1), h
 
@@ -148,26 +160,30 @@ SCANS = tuple(_CHUNK_BODIES)
 # Bm, Cm (B,T,G,N), plus A (H,); returns y (B,T,H,P) and the state after the chunk.
 
 
-def _ssd_linear(S, dt, x, Bm, Cm, A):
+def _ssd_linear(S, dt, x, Bm, Cm, A, keep=None):
     heads = A.shape[0]
     rep = heads // Bm.shape[2]
     bh, ch = jnp.repeat(Bm, rep, axis=2), jnp.repeat(Cm, rep, axis=2)
+    decay = jnp.exp(dt * A)  # (B,T,H)
+    if keep is not None:
+        decay = decay * keep[..., None]
 
     def one_step(S, xs):
-        d, dx, b, c = xs
-        S = jnp.exp(d * A)[..., None, None] * S + dx[..., None] * b[:, :, None, :]
+        a, dx, b, c = xs
+        S = a[..., None, None] * S + dx[..., None] * b[:, :, None, :]
         return S, jnp.einsum("bhpn,bhn->bhp", S, c)
 
     t = functools.partial(jnp.swapaxes, axis1=0, axis2=1)
-    S, y = lax.scan(one_step, S, (t(dt), t(dt[..., None] * x), t(bh), t(ch)))
+    S, y = lax.scan(one_step, S, (t(decay), t(dt[..., None] * x), t(bh), t(ch)))
     return t(y), S
 
 
-def _ssd_associative(S, dt, x, Bm, Cm, A):
+def _ssd_associative(S, dt, x, Bm, Cm, A, keep=None):
     heads = A.shape[0]
     rep = heads // Bm.shape[2]
     bh, ch = jnp.repeat(Bm, rep, axis=2), jnp.repeat(Cm, rep, axis=2)
-    a = jnp.broadcast_to(jnp.exp(dt * A)[..., None, None], (*x.shape, 1))
+    decay = jnp.exp(dt * A) if keep is None else jnp.exp(dt * A) * keep[..., None]
+    a = jnp.broadcast_to(decay[..., None, None], (*x.shape, 1))
     b = (dt[..., None] * x)[..., None] * bh[:, :, :, None, :]
     a_cum, b_cum = lax.associative_scan(_combine, (a, b), axis=1)
     hs = a_cum * S[:, None] + b_cum
@@ -177,7 +193,9 @@ def _ssd_associative(S, dt, x, Bm, Cm, A):
 _SSD_BODIES = {
     "linear": _ssd_linear,
     "associative": _ssd_associative,
-    "cumulative": functools.partial(ssd_chunk_cumulative, xp=jnp),
+    "cumulative": lambda S, dt, x, Bm, Cm, A, keep=None: ssd_chunk_cumulative(
+        S, dt, x, Bm, Cm, A, xp=jnp, keep=keep
+    ),
 }
 del ssd_chunk_associative  # the core's version is the reference; JAX uses lax's scan
 
@@ -188,23 +206,27 @@ def ssd_chunked_scan(algorithm: str, chunk_size: int | str = "auto"):
     backward pass).  A ragged tail is padded with dt = 0 steps (decay 1, input 0)."""
     body_fn = _SSD_BODIES[algorithm]
 
-    def scan(x, dt, A, Bm, Cm, S0):
+    def scan(x, dt, A, Bm, Cm, S0, keep=None):
         batch, length = dt.shape[:2]
         size = min(chunk_length(algorithm, chunk_size, "mamba2"), length)
         chunks = math.ceil(length / size)
         pad = chunks * size - length
 
-        def split(a):  # (B,L,...) -> (chunks, B, T, ...)
+        def split(a, value=0.0):  # (B,L,...) -> (chunks, B, T, ...)
             if pad:
-                a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
+                widths = ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2)
+                a = jnp.pad(a, widths, constant_values=value)
             return jnp.moveaxis(a.reshape((batch, chunks, size, *a.shape[2:])), 1, 0)
 
         @jax.checkpoint
         def body(S, xs):
-            y, S = body_fn(S, *xs, A)
+            y, S = body_fn(S, *xs[:4], A, *xs[4:])
             return S, y
 
-        S, ys = lax.scan(body, S0, tuple(map(split, (dt, x, Bm, Cm))))
+        xs = tuple(map(split, (dt, x, Bm, Cm)))
+        if keep is not None:
+            xs = (*xs, split(keep, 1.0))
+        S, ys = lax.scan(body, S0, xs)
         y = jnp.moveaxis(ys, 0, 1).reshape((batch, chunks * size, *ys.shape[3:]))
         return y[:, :length], S
 
@@ -252,7 +274,7 @@ def _constrain(x, mesh: Mesh | None, spec):
     return x if mesh is None else lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def _forward_impl(params, x, state, mask, config, scan_type, mesh, data_axis, model_axis):
+def _forward_impl(params, x, state, mask, seq_idx, config, scan_type, mesh, data_axis, model_axis):
     _count_trace("forward")
     if scan_type is None or scan_type == "auto":
         scan_type = mixer_for(config).auto_scan("jax", jax.default_backend(), config)
@@ -267,13 +289,15 @@ def _forward_impl(params, x, state, mask, config, scan_type, mesh, data_axis, mo
         def st(a):  # (B, channels-or-heads, ...): shard axis 1
             return P(data_axis, model_axis, *([None] * (a.ndim - 2)))
 
-        def scan(u, dt, A, Bm, Cm, h0):  # channels (Mamba-1) / heads (Mamba-2) are independent
+        def scan(u, dt, A, Bm, Cm, h0, **kw):  # channels (Mamba-1) / heads (Mamba-2) apart
             u, dt = _constrain(u, mesh, seq(u)), _constrain(dt, mesh, seq(dt))
             h0 = _constrain(h0, mesh, st(h0))
-            y, h = inner(u, dt, A, Bm, Cm, h0)
+            y, h = inner(u, dt, A, Bm, Cm, h0, **kw)
             return _constrain(y, mesh, seq(y)), _constrain(h, mesh, st(h))
 
-    y, new_state = mixer_forward(params, x, config, state, scan=scan, xp=jnp, attention_mask=mask)
+    y, new_state = mixer_forward(
+        params, x, config, state, scan=scan, xp=jnp, attention_mask=mask, seq_idx=seq_idx
+    )
     return _constrain(y, mesh, P(data_axis, None, None)), new_state
 
 
@@ -293,6 +317,8 @@ def forward(
     data_axis: str | None = "data",
     model_axis: str | None = "model",
     attention_mask=None,
+    seq_idx=None,
+    cu_seqlens=None,
 ):
     """The mixer over x (B, L, H) -> (y (B, L, H), state after the last token).
 
@@ -308,6 +334,7 @@ def forward(
         x,
         _checked_state(state, x, config, "mamba_core.backends.jax.forward"),
         attention_mask,
+        packed_index(x.shape[:2], seq_idx, cu_seqlens, owner="mamba_core.backends.jax.forward"),
         config=config,
         scan_type=scan_type if scan_type is not None else config.scan_type,
         mesh=mesh,
@@ -502,10 +529,13 @@ class JaxBackend(Backend):
         }
         return out
 
-    def forward(self, params, x, config: MambaConfig, state, scan_type: str, attention_mask=None):
+    def forward(
+        self, params, x, config: MambaConfig, state, scan_type: str, attention_mask=None,
+        seq_idx=None,
+    ):  # fmt: skip
         return self._timed(
             "forward", forward, params, x, config, state, scan_type=scan_type,
-            attention_mask=attention_mask,
+            attention_mask=attention_mask, seq_idx=seq_idx,
         )  # fmt: skip
 
     def lm_forward(self, params, ids, config, states, attention_mask, dtype):

@@ -77,10 +77,11 @@ def _blocks(batch: int, channels: int, threads: int) -> list[tuple[int, int, int
     ]
 
 
-def scan_linear(u, dt, A, Bm, Cm, h0, *, threads: int | None = None):
+def scan_linear(u, dt, A, Bm, Cm, h0, *, threads: int | None = None, keep=None):
     """The sequential selective scan (see `mamba_core.scan`) on NumPy arrays.
 
     u, dt (B,L,E); A (E,N); Bm, Cm (B,L,N); h0 (B,E,N) -> y (B,L,E), h_L (B,E,N).
+    keep (B,L) or None: 0 where a packed sequence starts (the state restarts).
     The inputs are only read; the state is updated in this function's own buffer.
     """
     batch, length, channels = u.shape
@@ -99,9 +100,12 @@ def scan_linear(u, dt, A, Bm, Cm, h0, *, threads: int | None = None):
         buf = np.empty_like(hb)
         dtb, dub, bb, cb = dt_col[b0:b1, :, e0:e1], du[b0:b1, :, e0:e1], b_row[b0:b1], c_col[b0:b1]
         yb = y[b0:b1, :, e0:e1]
+        kb = None if keep is None else keep[b0:b1, :, None, None]
         for t in range(length):
             np.multiply(dtb[:, t], ab, out=buf)
             np.exp(buf, out=buf)  # exp(dt*A): exponent <= 0
+            if kb is not None:
+                np.multiply(buf, kb[:, t], out=buf)
             np.multiply(hb, buf, out=hb)
             np.multiply(dub[:, t], bb[:, t], out=buf)
             np.add(hb, buf, out=hb)
@@ -148,12 +152,14 @@ class NumpyBackend(Backend):
         return native if native is not None else core_scan(config, scan_type)
 
     def forward(
-        self, params, x, config: MambaConfig, state: Any, scan_type: str, attention_mask=None
-    ):
+        self, params, x, config: MambaConfig, state: Any, scan_type: str, attention_mask=None,
+        seq_idx=None,
+    ):  # fmt: skip
         scan = self.scan_fn(scan_type, config)
         return mixer_forward(
-            params, x, config, state, scan=scan, xp=self.xp, attention_mask=attention_mask
-        )
+            params, x, config, state, scan=scan, xp=self.xp, attention_mask=attention_mask,
+            seq_idx=seq_idx,
+        )  # fmt: skip
 
     def step(self, prepared, state: Any, x_t, config: MambaConfig):
         scan = NATIVE_SCANS.get((config.version, "linear"))

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mamba_core.checks import check_input_shape
+from mamba_core.checks import check_input_shape, packed_index
 from mamba_core.config import MambaConfig, resolve_config
 from mamba_core.io import CheckpointWeights
 from mamba_core.lm import GenerationMixin
@@ -192,17 +192,18 @@ def _compiled_chunk():
     return torch.compile(_compiled_chunk_fn, dynamic=False)
 
 
-def _chunked(chunk_fn, u, dt, A, Bm, Cm, h0, size: int, use_checkpoint: bool):
+def _chunked(chunk_fn, u, dt, A, Bm, Cm, h0, size: int, use_checkpoint: bool, keep=None):
     length = u.shape[1]
     h = h0
     ys = []
     for start in range(0, length, size):
         sl = slice(start, min(start + size, length))
         args = (h, dt[:, sl], u[:, sl], Bm[:, sl], Cm[:, sl], A)
+        fn = chunk_fn if keep is None else functools.partial(chunk_fn, keep=keep[:, sl])
         if use_checkpoint:
-            y, h = checkpoint(chunk_fn, *args, use_reentrant=False)
+            y, h = checkpoint(fn, *args, use_reentrant=False)
         else:
-            y, h = chunk_fn(*args)
+            y, h = fn(*args)
         ys.append(y)
     return torch.cat(ys, dim=1), h
 
@@ -217,9 +218,12 @@ def make_scan(algorithm: str, chunk_size="auto", *, compile_scan: bool = False):
         raise ValueError(f"scan {algorithm!r} is invalid: expected one of {sorted(ALGORITHMS)}")
 
     @torch.compiler.disable  # inside torch.compile(model), the scan runs as its own region
-    def scan(u, dt, A, Bm, Cm, h0):
+    def scan(u, dt, A, Bm, Cm, h0, keep=None):
         size = _chunk(algorithm, chunk_size, u.device)
         grad = _needs_grad(u, dt, A, Bm, Cm, h0)
+        if keep is not None:  # packed sequences: the core's chunks (autograd, checkpointed)
+            chunk_fn = functools.partial(ALGORITHMS[algorithm], xp=xp_torch)
+            return _chunked(chunk_fn, u, dt, A, Bm, Cm, h0, size, grad, keep)
         if algorithm == "linear":
             if compile_scan:  # the kernel unrolls its chunk: 16 steps fuse best (measured)
                 compiled_size = size if chunk_size != "auto" else _COMPILED_CHUNK
@@ -242,9 +246,10 @@ def make_ssd_scan(algorithm: str, chunk_size="auto", *, compile_scan: bool = Fal
     chunk_fn = functools.partial(SSD_ALGORITHMS[algorithm], xp=xp_torch)
 
     @torch.compiler.disable
-    def scan(x, dt, A, Bm, Cm, S0):
+    def scan(x, dt, A, Bm, Cm, S0, keep=None):
         size = _chunk(algorithm, chunk_size, x.device, "mamba2")
-        return _chunked(chunk_fn, x, dt, A, Bm, Cm, S0, size, _needs_grad(x, dt, A, Bm, Cm, S0))
+        grad = _needs_grad(x, dt, A, Bm, Cm, S0)
+        return _chunked(chunk_fn, x, dt, A, Bm, Cm, S0, size, grad, keep)
 
     return scan
 
@@ -278,12 +283,22 @@ def torch_forward(
     scan_type: str | None = None,
     compile_scan: bool = False,
     attention_mask: Array | None = None,
+    seq_idx: Array | None = None,
 ):
     """The mixer on torch tensors: x (B, L, H) -> (y (B, L, H), state).  Differentiable."""
     algorithm = _resolve_scan(config, scan_type, x.device)
     scan = _scan_for(config.version, algorithm, config.chunk_size, compile_scan)
+    if seq_idx is not None and not isinstance(seq_idx, torch.Tensor):
+        seq_idx = torch.as_tensor(np.asarray(seq_idx), device=x.device)
     return mixer_forward(
-        params, x, config, state, scan=scan, xp=xp_torch, attention_mask=attention_mask
+        params,
+        x,
+        config,
+        state,
+        scan=scan,
+        xp=xp_torch,
+        attention_mask=attention_mask,
+        seq_idx=seq_idx,
     )
 
 
@@ -342,16 +357,14 @@ class TorchBackend(Backend):
         device = torch.device("cuda" if platform == "gpu" else "cpu")
         return _chunk(algorithm, config.chunk_size, device, config.version)
 
-    def forward(self, params, x, config: MambaConfig, state, scan_type: str, attention_mask=None):
+    def forward(
+        self, params, x, config: MambaConfig, state, scan_type: str, attention_mask=None,
+        seq_idx=None,
+    ):  # fmt: skip
         return torch_forward(
-            params,
-            x,
-            config,
-            state,
-            scan_type=scan_type,
-            compile_scan=_compile_default(),
-            attention_mask=attention_mask,
-        )
+            params, x, config, state, scan_type=scan_type, compile_scan=_compile_default(),
+            attention_mask=attention_mask, seq_idx=seq_idx,
+        )  # fmt: skip
 
     def step(self, params, state: MambaState, x_t, config: MambaConfig):
         return torch_step(params, state, x_t, config)
@@ -516,8 +529,13 @@ class MambaTorch(nn.Module):
         state: Any = None,
         *,
         return_state: bool = False,
+        seq_idx: Array | None = None,
+        cu_seqlens: Array | None = None,
     ):
         """x (B, L, H) -> y (B, L, H) in x's dtype (and the state, with `return_state`).
+
+        `seq_idx` (B, L) / `cu_seqlens` (S+1,): packed sequences, each computed as if alone
+        (see `mamba_core.checks.packed_index`); the state returned is the last sequence's.
 
         `mask` (B, L) of 0/1 (1 = real token; the `block(x, mask)` convention of host
         models): padded positions leave the state unchanged and feed nothing to later
@@ -528,6 +546,7 @@ class MambaTorch(nn.Module):
             state = self._state(state, x)
         if mask is not None:
             mask = _check_mask(mask, x)
+        packed = packed_index(tuple(x.shape[:2]), seq_idx, cu_seqlens, owner="MambaTorch")
         y, new_state = torch_forward(
             self.params_dict(),
             x,
@@ -535,6 +554,7 @@ class MambaTorch(nn.Module):
             state,
             compile_scan=self.compile_scan,
             attention_mask=mask,
+            seq_idx=packed,
         )
         return (y, new_state) if return_state else y
 

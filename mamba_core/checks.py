@@ -145,3 +145,65 @@ def _is_real_floating(value: Any) -> bool:
         return bool(array_namespace(value).isdtype(value.dtype, "real floating"))
     except TypeError:
         return "float" in str(value.dtype)
+
+
+def packed_index(
+    shape: tuple[int, int], seq_idx: Any = None, cu_seqlens: Any = None, *, owner: str
+) -> Any:
+    """The (B, L) sequence index of a packed batch, checked, or None when not packed.
+
+    `seq_idx` (B, L): integers, non-decreasing along L in each row; a new sequence starts
+    wherever the value changes (the official Mamba-2 convention).  `cu_seqlens` (S+1,):
+    integer offsets into a batch of one packed row, starting at 0, strictly increasing and
+    ending at L (the flash-attention / varlen convention).  Concrete arrays are checked value
+    by value and come back as NumPy int64; traced ones (under `jax.jit`) by shape and dtype.
+    """
+    from .params import to_numpy
+
+    if seq_idx is None and cu_seqlens is None:
+        return None
+    if seq_idx is not None and cu_seqlens is not None:
+        raise ValueError(f"{owner}: pass seq_idx or cu_seqlens, not both")
+    batch, length = shape
+    value = seq_idx if seq_idx is not None else cu_seqlens
+    what = "seq_idx" if seq_idx is not None else "cu_seqlens"
+    try:
+        arr = np.asarray(to_numpy(value))
+    except Exception:  # a tracer: shape and dtype only, values are unknown here
+        arr = None
+    dtype = arr.dtype if arr is not None else np.dtype(str(getattr(value, "dtype", "float32")))
+    vshape = tuple(getattr(value, "shape", np.shape(value)))
+    if dtype.kind not in "iu":
+        raise ValueError(f"{owner}: {what} must be integers; received {what}.dtype={dtype}")
+    if seq_idx is not None:
+        if vshape != (batch, length):
+            raise ValueError(
+                f"{owner}: seq_idx must have shape (batch, seq_len) = {(batch, length)}; "
+                f"received seq_idx.shape={vshape}"
+            )
+        if arr is None:
+            return value
+        if (np.diff(arr, axis=1) < 0).any():
+            raise ValueError(f"{owner}: seq_idx must be non-decreasing along each row")
+        return arr.astype(np.int64)
+    if batch != 1:
+        raise ValueError(
+            f"{owner}: cu_seqlens describes one packed row: inputs must have batch 1; received "
+            f"batch {batch}"
+        )
+    if len(vshape) != 1 or vshape[0] < 2:
+        raise ValueError(
+            f"{owner}: cu_seqlens must be 1-D with S+1 >= 2 offsets; received shape {vshape}"
+        )
+    if arr is None:  # traced: count the boundaries at or before every position
+        import array_api_compat
+
+        xp = array_api_compat.array_namespace(value)
+        pos = xp.arange(length)[:, None]
+        return xp.sum(xp.astype(pos >= value[None, 1:-1], value.dtype), axis=1)[None, :]
+    if arr[0] != 0 or arr[-1] != length or (np.diff(arr) <= 0).any():
+        raise ValueError(
+            f"{owner}: cu_seqlens must start at 0, increase strictly and end at seq_len={length}; "
+            f"received {arr.tolist()}"
+        )
+    return np.repeat(np.arange(len(arr) - 1), np.diff(arr))[None, :].astype(np.int64)

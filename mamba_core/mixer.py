@@ -105,14 +105,24 @@ def mixer_forward(
     scan: ScanFn | None = None,
     xp=None,
     attention_mask: Array | None = None,
+    seq_idx: Array | None = None,
 ):
     """The mixer over a whole sequence: x (B, L, hidden) -> (out (B, L, hidden), state).
 
     `scan` replaces the core's scan for `config.scan_type` (a backend's native kernel);
-    `attention_mask` (B, L) of 0/1 (1 = real token) leaves padded positions out.
+    `attention_mask` (B, L) of 0/1 (1 = real token) leaves padded positions out; `seq_idx`
+    (B, L) integers, non-decreasing: packed sequences, each as if run on its own (the state
+    returned is the last sequence's).
     """
     return mixer_for(config).forward(
-        params, x, config, state, scan=scan, xp=xp, attention_mask=attention_mask
+        params,
+        x,
+        config,
+        state,
+        scan=scan,
+        xp=xp,
+        attention_mask=attention_mask,
+        seq_idx=seq_idx,
     )
 
 

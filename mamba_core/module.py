@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .checks import check_input_shape, float_error, float_numpy
+from .checks import check_input_shape, float_error, float_numpy, packed_index
 from .config import MambaConfig, resolve_config
 from .io import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, CheckpointWeights, read_checkpoint
 from .io import write_checkpoint as _write_checkpoint
@@ -256,6 +256,8 @@ class MambaModule(BackendIO, IModule):
         *,
         state: Any = None,
         attention_mask: Any = None,
+        seq_idx: Any = None,
+        cu_seqlens: Any = None,
     ) -> dict[str, Any]:
         """Run the mixer over `inputs` (batch, seq_len, hidden_size).
 
@@ -263,6 +265,11 @@ class MambaModule(BackendIO, IModule):
         `attention_mask` (batch, seq_len) of 0/1 (1 = real token, the HuggingFace
         convention): padded positions leave the state unchanged and feed nothing to later
         tokens, so the real positions of a left-padded row equal the unpadded run;
+        `seq_idx` (batch, seq_len) non-decreasing integers, or `cu_seqlens` (S+1,) offsets
+        into one packed row: packed sequences, each computed exactly as if run on its own
+        (the conv sees nothing of the previous sequence and the state restarts at each
+        start); `result["state"]` is the state after each row's last token (its last
+        sequence's); `state=` continues each row's first sequence.
         `training` is recorded (the mixer has no dropout, so it changes no math).
         """
         if not isinstance(training, bool):
@@ -271,9 +278,12 @@ class MambaModule(BackendIO, IModule):
         batch, length, _ = x.shape
         st = None if state is None else self._state(state, batch)
         mask = None if attention_mask is None else self._mask(attention_mask, (batch, length))
+        packed = packed_index((batch, length), seq_idx, cu_seqlens, owner=self.owner)
+        if packed is not None:
+            packed = self.backend.asarray_int(packed, self._device)
         scan_used = self._scan_used()
         output, new_state = self.backend.forward(
-            self.params, x, self.config, st, scan_used, attention_mask=mask
+            self.params, x, self.config, st, scan_used, attention_mask=mask, seq_idx=packed
         )
         metrics = self._metrics(batch, length, scan_used)
         self._calls += 1

@@ -25,6 +25,7 @@ __all__ = [
     "is_half",
     "linear",
     "own",
+    "packed_keep",
     "relu",
     "scan_dtype",
     "silu",
@@ -154,6 +155,7 @@ def causal_conv1d(
     conv_state: Array | None = None,
     *,
     xp=None,
+    seq_idx: Array | None = None,
 ) -> tuple[Array, Array]:
     """Causal depthwise 1-D convolution along L, as `nn.Conv1d(E, E, K, groups=E,
     padding=K-1)` followed by keeping the first L outputs.
@@ -161,6 +163,10 @@ def causal_conv1d(
     x (B, L, E); weight (E, 1, K); bias (E,) or None; conv_state (B, E, K) or None (zeros):
     the last K inputs seen before `x`, oldest first (the HuggingFace / official cache
     layout; only the newest K-1 of them reach the output).
+
+    seq_idx (B, L) integers or None: packed sequences (a new one starts wherever the value
+    changes); an output sees only inputs of its own sequence (the conv state counts as the
+    first token's sequence), and the returned state holds only the last sequence's inputs.
 
     Returns out (B, L, E) and the new conv state (B, E, K): the last K inputs, oldest first.
     """
@@ -173,10 +179,35 @@ def causal_conv1d(
         past = xp.permute_dims(conv_state[:, :, 1:], (0, 2, 1))
     xpad = xp.concat([past, x], axis=1)  # (B, L+K-1, E)
     w = weight[:, 0, :]  # (E, K)
+    same = None
+    if seq_idx is not None:  # the sequence of every padded position (past = the first's)
+        first = xp.broadcast_to(seq_idx[:, :1], (batch, k - 1))
+        spad = xp.concat([first, seq_idx], axis=1)  # (B, L+K-1)
+
+        def same(j):  # input j+t belongs to the sequence of output t
+            return (spad[:, j : j + length] == seq_idx)[..., None]
+
+        zero = xp.zeros_like(x[:, :1, :])
     out = xpad[:, 0:length, :] * w[:, 0]
+    if same is not None:
+        out = xp.where(same(0), out, zero)
     for j in range(1, k):
-        out = out + xpad[:, j : j + length, :] * w[:, j]
+        term = xpad[:, j : j + length, :] * w[:, j]
+        out = out + (term if same is None else xp.where(same(j), term, zero))
     if bias is not None:
         out = out + bias
-    new_state = own(xp.permute_dims(xpad[:, length - 1 :, :], (0, 2, 1)), xp=xp)  # (B, E, K)
+    window = xpad[:, length - 1 :, :]  # (B, K, E)
+    if seq_idx is not None:  # only the last sequence's inputs carry over
+        window = xp.where((spad[:, length - 1 :] == seq_idx[:, -1:])[..., None], window, zero)
+    new_state = own(xp.permute_dims(window, (0, 2, 1)), xp=xp)  # (B, E, K)
     return out, new_state
+
+
+def packed_keep(seq_idx: Array, dtype, *, xp=None) -> Array:
+    """(B, L) of dtype: 0 where a packed sequence starts after the first token (seq_idx
+    changes), 1 elsewhere: the factor on the state's decay that restarts it."""
+    xp = _ns(xp, seq_idx)
+    change = seq_idx[:, 1:] != seq_idx[:, :-1]
+    ones = xp.ones((seq_idx.shape[0], 1), dtype=dtype, device=_device(seq_idx))
+    rest = xp.where(change, xp.zeros_like(ones), xp.ones_like(ones))
+    return xp.concat([ones, rest], axis=1)

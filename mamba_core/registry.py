@@ -120,8 +120,16 @@ class Backend:
         return mixer_for(config).default_chunk(algorithm)
 
     def forward(
-        self, params, x, config: MambaConfig, state: Any, scan_type: str, attention_mask=None
+        self,
+        params,
+        x,
+        config: MambaConfig,
+        state: Any,
+        scan_type: str,
+        attention_mask=None,
+        seq_idx=None,
     ):
+        """The mixer over x with this backend's native scans (see `mamba_core.mixer`)."""
         raise NotImplementedError
 
     def prepare(self, params, config: MambaConfig):

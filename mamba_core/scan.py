@@ -78,10 +78,14 @@ def _readout(hs, Cm, *, xp):
     return xp.matmul(hs, Cm[..., None])[..., 0]
 
 
-def chunk_linear(h, dt, u, Bm, Cm, A, *, xp=None):
-    """One chunk of the sequential recurrence.  h (B,E,N); dt, u (B,T,E); Bm, Cm (B,T,N)."""
+def chunk_linear(h, dt, u, Bm, Cm, A, *, xp=None, keep=None):
+    """One chunk of the sequential recurrence.  h (B,E,N); dt, u (B,T,E); Bm, Cm (B,T,N);
+    keep (B,T) or None: 0 where a new packed sequence starts (its decay from the previous
+    state is 0: the state restarts), 1 elsewhere."""
     xp = xp if xp is not None else array_namespace(h, dt)
     dA, dBu = _discretize(h, dt, u, Bm, A, xp=xp)
+    if keep is not None:
+        dA = dA * keep[:, :, None, None]
     ys = []
     for t in range(dt.shape[1]):
         h = dA[:, t, ...] * h + dBu[:, t, ...]
@@ -105,15 +109,26 @@ def prefix_scan(a, b, *, xp):
     return a, b
 
 
-def chunk_associative(h, dt, u, Bm, Cm, A, *, xp=None):
+def chunk_associative(h, dt, u, Bm, Cm, A, *, xp=None, keep=None):
     """One chunk by an inclusive Hillis-Steele prefix scan over (decay, input) pairs."""
     xp = xp if xp is not None else array_namespace(h, dt)
-    a, b = prefix_scan(*_discretize(h, dt, u, Bm, A, xp=xp), xp=xp)
+    dA, dBu = _discretize(h, dt, u, Bm, A, xp=xp)
+    if keep is not None:
+        dA = dA * keep[:, :, None, None]
+    a, b = prefix_scan(dA, dBu, xp=xp)
     hs = a * h[:, None, ...] + b  # a is now the decay from the chunk start to t
     return _readout(hs, Cm, xp=xp), hs[:, -1, ...]
 
 
-def chunk_cumulative(h, dt, u, Bm, Cm, A, *, xp=None):
+def same_segment(keep, *, xp):
+    """For keep (B,T) (0 = a packed sequence starts): (B,T_t,T_s) True where no sequence
+    starts in (s, t], i.e. step s still reaches step t; and (B,T) True where no sequence
+    starts in [0, t], i.e. the state before the chunk still reaches step t."""
+    starts = xp.cumulative_sum(1.0 - keep, axis=1)  # (B,T): sequences started up to t
+    return starts[:, :, None] == starts[:, None, :], starts == 0
+
+
+def chunk_cumulative(h, dt, u, Bm, Cm, A, *, xp=None, keep=None):
     """One chunk from cumulative sums of log-decays (segment sums), all steps at once."""
     xp = xp if xp is not None else array_namespace(h, dt)
     length = dt.shape[1]
@@ -126,8 +141,13 @@ def chunk_cumulative(h, dt, u, Bm, Cm, A, *, xp=None):
     # seg[b, t, s] = sum_{s < r <= t} log_a[b, r]: a cumulative sum over r of masked terms
     seg = xp.cumulative_sum(xp.where(later, log_a[:, :, None, ...], zero), axis=1)
     # masked with `where`, not multiplied by 0: a NaN at step s must not reach steps t < s
+    if keep is not None:  # packed sequences: no decay across a sequence start
+        same, from_start = same_segment(keep, xp=xp)
+        causal = causal & same[..., None, None]
     terms = xp.where(causal, xp.exp(seg) * dBu[:, None, ...], zero)  # (B,T_t,T_s,E,N)
     decay_from_start = xp.exp(xp.cumulative_sum(log_a, axis=1))  # (B,T,E,N)
+    if keep is not None:
+        decay_from_start = xp.where(from_start[..., None, None], decay_from_start, zero[:, 0])
     hs = xp.sum(terms, axis=2) + decay_from_start * h[:, None, ...]
     return _readout(hs, Cm, xp=xp), hs[:, -1, ...]
 
@@ -151,10 +171,12 @@ def selective_scan(
     algorithm: str = "linear",
     chunk_size: int | str | None = None,
     xp=None,
+    keep: Array | None = None,
 ) -> tuple[Array, Array]:
     """Run the selective scan over the whole sequence, chunk by chunk (see module doc).
 
-    Returns y (B, L, E) and the final state h_L (B, E, N).
+    `keep` (B, L) or None: 0 at the first token of each packed sequence (the state restarts
+    from zero there), 1 elsewhere.  Returns y (B, L, E) and the final state h_L (B, E, N).
     """
     xp = xp if xp is not None else array_namespace(u, dt, A, Bm, Cm, h0)
     try:
@@ -163,12 +185,14 @@ def selective_scan(
         raise ValueError(
             f"algorithm={algorithm!r} is invalid: expected one of {sorted(ALGORITHMS)}"
         ) from None
-    return run_chunks(chunk_fn, h0, dt, u, Bm, Cm, A, resolve_chunk(algorithm, chunk_size), xp=xp)
+    step = resolve_chunk(algorithm, chunk_size)
+    return run_chunks(chunk_fn, h0, dt, u, Bm, Cm, A, step, xp=xp, keep=keep)
 
 
-def run_chunks(chunk_fn, h0, dt, u, Bm, Cm, A, step: int, *, xp):
-    """Walk the sequence (axis 1 of dt, u, Bm, Cm) `step` steps at a time, carrying the state:
-    `chunk_fn(h, dt, u, Bm, Cm, A, xp=xp) -> (y_chunk, h)`.  Returns (y, h_L)."""
+def run_chunks(chunk_fn, h0, dt, u, Bm, Cm, A, step: int, *, xp, keep=None):
+    """Walk the sequence (axis 1 of dt, u, Bm, Cm, keep) `step` steps at a time, carrying the
+    state: `chunk_fn(h, dt, u, Bm, Cm, A, xp=xp[, keep=...]) -> (y_chunk, h)`.
+    Returns (y, h_L)."""
     length = dt.shape[1]
     h = h0
     ys = []
@@ -182,6 +206,7 @@ def run_chunks(chunk_fn, h0, dt, u, Bm, Cm, A, step: int, *, xp):
             Cm[:, start:stop, ...],
             A,
             xp=xp,
+            **({} if keep is None else {"keep": keep[:, start:stop]}),
         )
         ys.append(y)
     return (ys[0] if len(ys) == 1 else xp.concat(ys, axis=1)), h

@@ -41,7 +41,7 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as _dev
 
-from .scan import prefix_scan, run_chunks
+from .scan import prefix_scan, run_chunks, same_segment
 
 __all__ = [
     "SSD_ALGORITHMS",
@@ -70,13 +70,15 @@ def _heads(m: Array, heads: int, axis: int, *, xp) -> Array:
     return xp.reshape(xp.broadcast_to(expanded, target), (*shape[:axis], heads, *shape[axis + 1 :]))
 
 
-def ssd_chunk_linear(S, dt, x, Bm, Cm, A, *, xp=None):
+def ssd_chunk_linear(S, dt, x, Bm, Cm, A, *, xp=None, keep=None):
     """One chunk of the sequential recurrence.  S (B,H,P,N); dt (B,T,H); x (B,T,H,P);
-    Bm, Cm (B,T,G,N); A (H,)."""
+    Bm, Cm (B,T,G,N); A (H,); keep (B,T) or None (0 where a packed sequence starts)."""
     xp = xp if xp is not None else array_namespace(S, dt)
     heads = A.shape[0]
     bh, ch = _heads(Bm, heads, 2, xp=xp), _heads(Cm, heads, 2, xp=xp)
     decay = xp.exp(dt * A)  # (B,T,H), in (0, 1]
+    if keep is not None:
+        decay = decay * keep[..., None]
     dx = dt[..., None] * x  # (B,T,H,P)
     ys = []
     for t in range(dt.shape[1]):
@@ -85,19 +87,21 @@ def ssd_chunk_linear(S, dt, x, Bm, Cm, A, *, xp=None):
     return xp.stack(ys, axis=1), S
 
 
-def ssd_chunk_associative(S, dt, x, Bm, Cm, A, *, xp=None):
+def ssd_chunk_associative(S, dt, x, Bm, Cm, A, *, xp=None, keep=None):
     """One chunk by the (decay, input) prefix scan of `mamba_core.scan.prefix_scan`."""
     xp = xp if xp is not None else array_namespace(S, dt)
     heads = A.shape[0]
     bh, ch = _heads(Bm, heads, 2, xp=xp), _heads(Cm, heads, 2, xp=xp)
     a = xp.exp(dt * A)[..., None, None]  # (B,T,H,1,1)
+    if keep is not None:
+        a = a * keep[..., None, None, None]
     b = (dt[..., None] * x)[..., None] * bh[:, :, :, None, :]  # (B,T,H,P,N)
     a, b = prefix_scan(a, b, xp=xp)
     hs = a * S[:, None, ...] + b
     return xp.matmul(hs, ch[..., None])[..., 0], hs[:, -1, ...]
 
 
-def ssd_chunk_cumulative(S, dt, x, Bm, Cm, A, *, xp=None):
+def ssd_chunk_cumulative(S, dt, x, Bm, Cm, A, *, xp=None, keep=None):
     """One chunk in the SSD form: masked segment-sum decays and batched matrix products."""
     xp = xp if xp is not None else array_namespace(S, dt)
     heads = A.shape[0]
@@ -109,6 +113,11 @@ def ssd_chunk_cumulative(S, dt, x, Bm, Cm, A, *, xp=None):
     zero = xp.zeros_like(a[..., None])
     # seg[b, h, t, s] = sum_{s < r <= t} a[b, h, r]: a cumulative sum over r of masked terms
     seg = xp.cumulative_sum(xp.where(later, a[..., None], zero), axis=2)  # (B,H,T,T)
+    from_start = None
+    if keep is not None:  # packed sequences: no decay across a sequence start
+        same, from_start = same_segment(keep, xp=xp)
+        causal = causal & same[:, None, ...]
+        from_start = from_start[:, None, :]  # (B,1,T)
     decay = xp.where(causal, xp.exp(seg), zero)
     bg = xp.permute_dims(Bm, (0, 2, 1, 3))  # (B,G,T,N)
     cg = xp.permute_dims(Cm, (0, 2, 1, 3))
@@ -117,10 +126,13 @@ def ssd_chunk_cumulative(S, dt, x, Bm, Cm, A, *, xp=None):
     y = xp.matmul(scores * decay, xdt)  # within the chunk
     cs = xp.cumulative_sum(a, axis=2)  # (B,H,T), decay from the chunk start, <= 0
     ch = _heads(cg, heads, 1, xp=xp)  # (B,H,T,N)
-    y = y + xp.exp(cs)[..., None] * xp.matmul(ch, xp.matrix_transpose(S))  # from S_prev
-    to_end = xp.exp(seg[:, :, length - 1, :])  # (B,H,T): decay from s to the chunk end
+    from_prev = xp.exp(cs)
+    if from_start is not None:
+        from_prev = xp.where(from_start, from_prev, xp.zeros_like(from_prev))
+    y = y + from_prev[..., None] * xp.matmul(ch, xp.matrix_transpose(S))  # from S_prev
+    to_end = decay[:, :, length - 1, :]  # (B,H,T): decay from s to the chunk end
     bh = _heads(bg, heads, 1, xp=xp)
-    S = xp.exp(cs[:, :, length - 1])[..., None, None] * S + xp.matmul(
+    S = from_prev[:, :, length - 1][..., None, None] * S + xp.matmul(
         xp.matrix_transpose(xdt * to_end[..., None]), bh
     )
     return xp.permute_dims(y, (0, 2, 1, 3)), S
@@ -145,9 +157,11 @@ def ssd_scan(
     algorithm: str = "cumulative",
     chunk_size: int | str | None = None,
     xp=None,
+    keep: Array | None = None,
 ) -> tuple[Array, Array]:
     """Run the Mamba-2 scan over the whole sequence, chunk by chunk (see module doc).
 
+    `keep` (B, L): 0 where a packed sequence starts, as in `mamba_core.scan`.
     Returns y (B, L, H, P) and the final state S_L (B, H, P, N).
     """
     xp = xp if xp is not None else array_namespace(x, dt, A, Bm, Cm, S0)
@@ -158,4 +172,4 @@ def ssd_scan(
             f"algorithm={algorithm!r} is invalid: expected one of {sorted(SSD_ALGORITHMS)}"
         ) from None
     step = SSD_DEFAULT_CHUNK[algorithm] if chunk_size in (None, "auto") else int(chunk_size)
-    return run_chunks(chunk_fn, S0, dt, x, Bm, Cm, A, step, xp=xp)
+    return run_chunks(chunk_fn, S0, dt, x, Bm, Cm, A, step, xp=xp, keep=keep)

@@ -30,7 +30,7 @@ from array_api_compat import array_namespace
 from array_api_compat import device as _device
 
 from ..config import MambaConfig
-from ..ops import activation_fn, cast, causal_conv1d, linear, own, scan_dtype, softplus
+from ..ops import activation_fn, cast, causal_conv1d, linear, own, packed_keep, scan_dtype, softplus
 from ..scan import DEFAULT_CHUNK, chunk_linear, selective_scan
 
 NAME = "mamba1"
@@ -167,8 +167,10 @@ def default_chunk(algorithm: str) -> int:
 def core_scan(algorithm: str, chunk_size: int | str = "auto") -> ScanFn:
     """The core's generic scan `algorithm` as a `scan(u, dt, A, Bm, Cm, h0)` callable."""
 
-    def scan(u, dt, A, Bm, Cm, h0):
-        return selective_scan(u, dt, A, Bm, Cm, h0, algorithm=algorithm, chunk_size=chunk_size)
+    def scan(u, dt, A, Bm, Cm, h0, keep=None):
+        return selective_scan(
+            u, dt, A, Bm, Cm, h0, algorithm=algorithm, chunk_size=chunk_size, keep=keep
+        )
 
     return scan
 
@@ -193,6 +195,7 @@ def forward(
     scan: ScanFn | None = None,
     xp=None,
     attention_mask: Array | None = None,
+    seq_idx: Array | None = None,
 ) -> tuple[Array, MambaState]:
     """The mixer over a whole sequence.
 
@@ -204,6 +207,8 @@ def forward(
     `attention_mask` (B, L) of 0/1 (1 = real token): a padded position feeds nothing to the
     conv (its input is zeroed) and leaves the SSM state unchanged (its dt is zeroed: decay 1,
     input 0), so real positions of a left-padded row equal the unpadded run.
+    `seq_idx` (B, L) integers: packed sequences; at every change the conv sees nothing of
+    the previous sequence and the SSM state restarts from zero (`scan(..., keep=...)`).
 
     Returns out (B, L, H) in x's dtype and the state after the last token.
     """
@@ -231,6 +236,7 @@ def forward(
         p("conv1d.bias") if config.use_conv_bias else None,
         conv_state,
         xp=xp,
+        seq_idx=seq_idx,
     )
     u = act(x_conv, xp=xp)
     x_dbl = linear(u, p("x_proj.weight"), xp=xp)
@@ -248,16 +254,17 @@ def forward(
     else:
         h0 = cast(state.ssm_state, sdtype, xp)
     u_s = cast(u, sdtype, xp)
-    y, h = scan(u_s, dt, a_mat, cast(b_mat, sdtype, xp), cast(c_mat, sdtype, xp), h0)
+    packed = {} if seq_idx is None else {"keep": packed_keep(seq_idx, sdtype, xp=xp)}
+    y, h = scan(u_s, dt, a_mat, cast(b_mat, sdtype, xp), cast(c_mat, sdtype, xp), h0, **packed)
     y = y + u_s * cast(params["D"], sdtype, xp)
     y = cast(y, dtype, xp) * act(z, xp=xp)
     out = linear(y, p("out_proj.weight"), p("out_proj.bias") if config.use_bias else None, xp=xp)
     return out, MambaState(new_conv_state, own(h, xp=xp))
 
 
-def step_scan(u, dt, A, Bm, Cm, h0):
+def step_scan(u, dt, A, Bm, Cm, h0, keep=None):
     """The scan of a one-token step: one step of the recurrence."""
-    return chunk_linear(h0, dt, u, Bm, Cm, A)
+    return chunk_linear(h0, dt, u, Bm, Cm, A, keep=keep)
 
 
 def prepare(params: Mapping[str, Array], config: MambaConfig, *, xp) -> dict:

@@ -40,6 +40,7 @@ from ..ops import (
     gated_rmsnorm,
     linear,
     own,
+    packed_keep,
     scan_dtype,
     softplus,
 )
@@ -175,8 +176,8 @@ def default_chunk(algorithm: str) -> int:
 def core_scan(algorithm: str, chunk_size: int | str = "auto") -> ScanFn:
     """The core's generic scan `algorithm` as a `scan(x, dt, A, Bm, Cm, S0)` callable."""
 
-    def scan(x, dt, A, Bm, Cm, S0):
-        return ssd_scan(x, dt, A, Bm, Cm, S0, algorithm=algorithm, chunk_size=chunk_size)
+    def scan(x, dt, A, Bm, Cm, S0, keep=None):
+        return ssd_scan(x, dt, A, Bm, Cm, S0, algorithm=algorithm, chunk_size=chunk_size, keep=keep)
 
     return scan
 
@@ -196,11 +197,13 @@ def forward(
     scan: ScanFn | None = None,
     xp=None,
     attention_mask: Array | None = None,
+    seq_idx: Array | None = None,
 ) -> tuple[Array, Mamba2State]:
     """The mixer over a whole sequence: x (B, L, D) -> out (B, L, D), state after the last
     token.  `scan(x, dt, A, Bm, Cm, S0) -> (y, S)` replaces the core's scan for
     `config.scan_type` (a backend's native kernel).  `attention_mask` (B, L) of 0/1: padded
-    positions feed nothing to the conv and leave the state unchanged (as in Mamba-1)."""
+    positions feed nothing to the conv and leave the state unchanged (as in Mamba-1);
+    `seq_idx` (B, L): packed sequences, restarting the conv and the state (as in Mamba-1)."""
     xp = xp if xp is not None else array_namespace(x)
     if scan is None:
         algorithm = "cumulative" if config.scan_type == "auto" else config.scan_type
@@ -226,6 +229,7 @@ def forward(
         w("conv1d.bias") if config.use_conv_bias else None,
         conv_state,
         xp=xp,
+        seq_idx=seq_idx,
     )
     xbc = cast(act(xbc, xp=xp), sdtype, xp)
     xs = xp.reshape(xbc[..., :e], (batch, length, h, p))
@@ -245,7 +249,8 @@ def forward(
         s0 = xp.zeros((batch, h, p, n), dtype=sdtype, device=_device(x))
     else:
         s0 = cast(state.ssm_state, sdtype, xp)
-    y, s = scan(xs, dt, a_vec, b_mat, c_mat, s0)
+    packed = {} if seq_idx is None else {"keep": packed_keep(seq_idx, sdtype, xp=xp)}
+    y, s = scan(xs, dt, a_vec, b_mat, c_mat, s0, **packed)
     y = y + xs * cast(params["D"], sdtype, xp)[:, None]
     y = xp.reshape(y, (batch, length, e))
     y = gated_rmsnorm(y, z, params["norm.weight"], g, config.layer_norm_epsilon, xp=xp)
@@ -258,9 +263,9 @@ def forward(
     return out, Mamba2State(new_conv_state, own(s, xp=xp))
 
 
-def step_scan(x, dt, A, Bm, Cm, S0):
+def step_scan(x, dt, A, Bm, Cm, S0, keep=None):
     """The scan of a one-token step: one step of the recurrence."""
-    return ssd_chunk_linear(S0, dt, x, Bm, Cm, A)
+    return ssd_chunk_linear(S0, dt, x, Bm, Cm, A, keep=keep)
 
 
 def prepare(params: Mapping[str, Array], config: MambaConfig, *, xp) -> dict:
