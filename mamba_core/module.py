@@ -114,6 +114,54 @@ class BackendIO:
 
         return validate_state(state, self.config, batch, owner=self.owner, convert=convert)
 
+    def _varlen(self, x, seq_of: np.ndarray, state: Any, scan_used: str):
+        """The S sequences of one packed row as a right-padded (S, Lmax) batch with an
+        attention mask: one batched call, each sequence from its own initial state (leading
+        axis S of `state`), and the state after each sequence's last token.  The padded tail
+        leaves the SSM state unchanged; the conv state (the last K conv inputs) is rebuilt
+        from each sequence's last K tokens and its initial conv state."""
+        xp, k = self.backend.xp, self.config.d_conv
+        lengths = np.bincount(seq_of)
+        count, longest = len(lengths), int(lengths.max())
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        pos = np.arange(longest)
+        real = pos[None, :] < lengths[:, None]  # (S, Lmax)
+        gather = np.where(real, starts[:, None] + pos[None, :], 0)
+
+        def take(rows, index):  # rows (N, X) backend array, index (...) -> (..., X)
+            flat = self.backend.asarray_int(index.reshape(-1), self._device)
+            return xp.reshape(xp.take(rows, flat, axis=0), (*index.shape, rows.shape[-1]))
+
+        xb = take(x[0, ...], gather)
+        st = None if state is None else self._state(state, count)
+        mask = self.backend.asarray(real.astype(np.float64), self._dtype, self._device)
+        out, new_state = self.backend.forward(
+            self.params, xb, self.config, st, scan_used, attention_mask=mask
+        )
+        output = take(
+            xp.reshape(out, (count * longest, -1)),
+            (np.arange(count)[:, None] * longest + pos)[real][None, :],
+        )
+        # the conv state: entries n..n+K-1 of [initial conv state (K) | the n conv inputs]
+        j = np.arange(k)
+        from_input = lengths[:, None] - k + j[None, :] >= 0  # (S, K)
+        tail = take(x[0, ...], np.where(from_input, starts[:, None] + lengths[:, None] - k + j, 0))
+        inputs = mixer_for(self.config).conv_inputs(self.params, tail, self.config, xp=xp)
+        if st is None:
+            initial = xp.zeros_like(inputs)
+        else:  # (S, C, K) -> (S, K, C), read at n + j (< K where from_input is False)
+            init = xp.permute_dims(st.conv_state, (0, 2, 1))
+            flat = xp.reshape(init, (count * k, -1))
+            initial = take(
+                flat, np.arange(count)[:, None] * k + np.minimum(lengths[:, None] + j, k - 1)
+            )
+        use = self.backend.asarray(
+            from_input[..., None].astype(np.float64), self._dtype, self._device
+        )
+        window = xp.where(use > 0, xp.astype(inputs, self._dtype), initial)
+        conv = xp.permute_dims(window, (0, 2, 1))
+        return output, type(new_state)(conv, new_state.ssm_state)
+
     def _mask(self, mask: Any, shape: tuple[int, int]):
         """A (batch, seq_len) mask of 0/1 (bool, int or float) as a backend array."""
         arr = np.asarray(to_numpy(mask))
@@ -276,15 +324,20 @@ class MambaModule(BackendIO, IModule):
             raise TypeError(f"training must be a bool, received {type(training).__name__}")
         x = self._array(inputs, "inputs", 3)
         batch, length, _ = x.shape
-        st = None if state is None else self._state(state, batch)
         mask = None if attention_mask is None else self._mask(attention_mask, (batch, length))
         packed = packed_index((batch, length), seq_idx, cu_seqlens, owner=self.owner)
-        if packed is not None:
-            packed = self.backend.asarray_int(packed, self._device)
         scan_used = self._scan_used()
-        output, new_state = self.backend.forward(
-            self.params, x, self.config, st, scan_used, attention_mask=mask, seq_idx=packed
-        )
+        if cu_seqlens is not None:  # one state per sequence, in and out
+            if mask is not None:
+                raise ValueError(f"{self.owner}: cu_seqlens and attention_mask exclude each other")
+            output, new_state = self._varlen(x, np.asarray(packed[0]), state, scan_used)
+        else:
+            st = None if state is None else self._state(state, batch)
+            if packed is not None:
+                packed = self.backend.asarray_int(packed, self._device)
+            output, new_state = self.backend.forward(
+                self.params, x, self.config, st, scan_used, attention_mask=mask, seq_idx=packed
+            )
         metrics = self._metrics(batch, length, scan_used)
         self._calls += 1
         return {

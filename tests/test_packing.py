@@ -32,18 +32,44 @@ def test_packed_row_equals_separate_runs(backend, version, scan, rng):
     cfg = MambaConfig(**VERSIONS[version], scan_type=scan)
     module = MambaModule(cfg, backend=backend, dtype="float64", seed=3)
     x = rng.standard_normal((1, sum(LENGTHS), 8))
-    packed = module(x, cu_seqlens=_cu(LENGTHS))
-    out = to_np(packed["output"])
     seq_idx = np.repeat(np.arange(len(LENGTHS)), LENGTHS)[None, :]
-    assert_close(module(x, seq_idx=seq_idx)["output"], out, "float64")
+    packed = module(x, seq_idx=seq_idx)
+    out = to_np(packed["output"])
+    varlen = module(x, cu_seqlens=_cu(LENGTHS))  # one state per sequence
+    assert_close(varlen["output"], out, "float64")
     start = 0
-    for length in LENGTHS:
+    for i, length in enumerate(LENGTHS):
         alone = module(x[:, start : start + length])
         assert_close(out[:, start : start + length], alone["output"], "float64")
+        for field in ("conv_state", "ssm_state"):
+            got = to_np(getattr(varlen["state"], field))[i : i + 1]
+            assert_close(got, getattr(alone["state"], field), "float64")
         start += length
-    # the state after the row is the last sequence's, conv window included
+    # with seq_idx the state after the row is the last sequence's, conv window included
     assert_close(packed["state"].ssm_state, alone["state"].ssm_state, "float64")
     assert_close(packed["state"].conv_state, alone["state"].conv_state, "float64")
+
+
+@pytest.mark.parametrize("version", sorted(VERSIONS))
+def test_cu_seqlens_takes_and_returns_one_state_per_sequence(backend, version, rng):
+    cfg = MambaConfig(**VERSIONS[version], use_bias=True)
+    module = MambaModule(cfg, backend=backend, dtype="float64", seed=5)
+    x = rng.standard_normal((1, sum(LENGTHS), 8))
+    initial = module(rng.standard_normal((len(LENGTHS), 4, 8)))["state"]
+    result = module(x, cu_seqlens=_cu(LENGTHS), state=initial)
+    out = to_np(result["output"])
+    start = 0
+    for i, length in enumerate(LENGTHS):
+        own = (to_np(initial.conv_state)[i : i + 1], to_np(initial.ssm_state)[i : i + 1])
+        alone = module(x[:, start : start + length], state=own)
+        assert_close(out[:, start : start + length], alone["output"], "float64")
+        for field in ("conv_state", "ssm_state"):
+            got = to_np(getattr(result["state"], field))[i : i + 1]
+            assert_close(got, getattr(alone["state"], field), "float64")
+        start += length
+    # decode continues every sequence from its own state
+    y_t, _ = module.step(rng.standard_normal((len(LENGTHS), 8)), result["state"])
+    assert tuple(y_t.shape) == (len(LENGTHS), 8)
 
 
 @pytest.mark.parametrize("version", sorted(VERSIONS))

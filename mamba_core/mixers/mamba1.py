@@ -272,3 +272,11 @@ def prepare(params: Mapping[str, Array], config: MambaConfig, *, xp) -> dict:
     would otherwise spend E*N exponentials per token on it, as many as the scan's)."""
     sdtype = scan_dtype(params["in_proj.weight"].dtype, config, xp=xp)
     return {**params, "A": -xp.exp(cast(params["A_log"], sdtype, xp))}
+
+
+def conv_inputs(params: Mapping[str, Array], x: Array, config: MambaConfig, *, xp) -> Array:
+    """The conv's inputs for tokens x (B, T, H): x_in = the first E rows of in_proj (B,T,E)."""
+    e = config.d_inner
+    w = cast(params["in_proj.weight"], x.dtype, xp)[:e, ...]
+    b = cast(params["in_proj.bias"], x.dtype, xp)[:e] if config.use_bias else None
+    return linear(x, w, b, xp=xp)

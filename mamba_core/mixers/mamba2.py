@@ -272,3 +272,11 @@ def prepare(params: Mapping[str, Array], config: MambaConfig, *, xp) -> dict:
     """`params` plus "A" = -exp(A_log) in the scan dtype, computed once."""
     sdtype = scan_dtype(params["in_proj.weight"].dtype, config, xp=xp)
     return {**params, "A": -xp.exp(cast(params["A_log"], sdtype, xp))}
+
+
+def conv_inputs(params: Mapping[str, Array], x: Array, config: MambaConfig, *, xp) -> Array:
+    """The conv's inputs for tokens x (B, T, D): xBC = in_proj rows [E, E + C) (B,T,C)."""
+    e, c = config.d_inner, conv_dim(config)
+    w = cast(params["in_proj.weight"], x.dtype, xp)[e : e + c, ...]
+    b = cast(params["in_proj.bias"], x.dtype, xp)[e : e + c] if config.use_bias else None
+    return linear(x, w, b, xp=xp)
