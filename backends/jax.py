@@ -50,6 +50,7 @@ from mamba_core.ssd import SSD_DEFAULT_CHUNK, ssd_chunk_associative, ssd_chunk_c
 __all__ = [
     "SCANS",
     "JaxBackend",
+    "context_forward",
     "forward",
     "get_backend",
     "shard_inputs",
@@ -356,6 +357,118 @@ def step(params, state: MambaState, x_t, config: MambaConfig):
     checked as in `forward`."""
     state = _checked_state(state, x_t, config, "mamba_core.backends.jax.step")
     return _step_jit(params, state, x_t, config=config)
+
+
+# ---------------------------------------------------------------- context parallelism
+def _combine_over(axis: str, size: int, index, a, b):
+    """Inclusive Hillis-Steele scan over the devices of mesh axis `axis` of the (decay,
+    state) pairs, (a1, b1) * (a2, b2) = (a1*a2, a2*b1 + b2): log2(size) rounds of one
+    `ppermute` each, O(B*E*N) bytes per device per round."""
+    shift = 1
+    while shift < size:
+        perm = [(i, i + shift) for i in range(size - shift)]
+        a_prev, b_prev = lax.ppermute(a, axis, perm), lax.ppermute(b, axis, perm)
+        has = index >= shift
+        a, b = jnp.where(has, a * a_prev, a), jnp.where(has, a * b_prev + b, b)
+        shift *= 2
+    return a, b
+
+
+def context_forward(
+    params,
+    x,
+    config: MambaConfig,
+    state=None,
+    *,
+    mesh: Mesh,
+    context_axis: str = "context",
+    data_axis: str | None = None,
+    scan_type: str | None = None,
+):
+    """The mixer with the sequence split over the devices of mesh axis `context_axis`.
+
+    Each device holds one stretch of L/S tokens (S = the axis size).  It receives the last
+    d_conv-1 conv inputs of the previous stretch (a halo, one `ppermute`), scans its stretch
+    from a zero state, and the (total decay, final state) pairs of the stretches are
+    combined across devices by an exclusive scan (`ppermute` rounds, log2 S of them); each
+    device then rescans its stretch from the state it received, so outputs, final state and
+    gradients equal the single-device run.  Communication per device and layer:
+    O(B*C*K) for the halo plus O(B*E*N * log2 S) for the states (Mamba-2: B*H*P*N), never
+    O(L).  The final state (and conv state) is the last stretch's, on every device.
+
+    x (B, L, H) with L divisible by S and L/S >= d_conv - 1; `state` continues a sequence
+    (the first stretch starts from it); `data_axis` also splits the batch.
+    """
+    size = mesh.shape[context_axis]
+    batch, length, _ = x.shape
+    k = config.d_conv
+    if length % size:
+        raise ValueError(
+            f"context parallelism splits the sequence into {size} equal stretches (mesh axis "
+            f"{context_axis!r}): seq_len must be divisible by {size}; received seq_len={length}"
+        )
+    if length // size < k - 1:
+        raise ValueError(
+            f"each stretch must hold at least d_conv - 1 = {k - 1} tokens; received "
+            f"seq_len={length} over {size} devices"
+        )
+    mixer = mixer_for(config)
+    if scan_type is None or scan_type == "auto":
+        scan_type = mixer.auto_scan("jax", jax.default_backend(), config)
+    inner = _SCAN_BUILDERS[config.version](scan_type, config.chunk_size)
+    dtype = x.dtype
+    if state is None:
+        from mamba_core.mixer import init_state
+
+        state = init_state(config, batch, dtype=dtype, xp=jnp)
+    state = _checked_state(state, x, config, "mamba_core.backends.jax.context_forward")
+    ring = [(i, i + 1) for i in range(size - 1)]
+
+    def local(params, x, conv0, h0):
+        index = lax.axis_index(context_axis)
+        if k > 1:  # the previous stretch's last K-1 conv inputs
+            tail = mixer.conv_inputs(params, x[:, -(k - 1) :, :], config, xp=jnp)
+            halo = jnp.swapaxes(lax.ppermute(tail, context_axis, ring), 1, 2)
+            halo = jnp.concatenate([jnp.zeros_like(halo[..., :1]), halo], axis=-1)
+            conv_in = jnp.where(index == 0, conv0, halo.astype(conv0.dtype))
+        else:
+            conv_in = conv0
+
+        def scan(u, dt, A, Bm, Cm, h_start, keep=None):
+            packed = {} if keep is None else {"keep": keep}
+            zeros = jnp.zeros_like(h_start)
+            _, h_zero = inner(u, dt, A, Bm, Cm, zeros, **packed)
+            total = jnp.sum(dt, axis=1)  # (B, E) or (B, H)
+            if A.ndim == 2:  # Mamba-1: a decay per (channel, state)
+                decay = jnp.exp(total[..., None] * A)
+            else:  # Mamba-2: one per head
+                decay = jnp.exp(total * A)[..., None, None]
+            if keep is not None:  # a sequence start inside the stretch cuts the chain
+                decay = decay * jnp.prod(keep, axis=1).reshape(
+                    keep.shape[0], *[1] * (decay.ndim - 1)
+                )
+            b = jnp.where(index == 0, decay * h_start + h_zero, h_zero)
+            _, b = _combine_over(context_axis, size, index, decay, b)
+            h_in = jnp.where(index == 0, h_start, lax.ppermute(b, context_axis, ring))
+            y, _ = inner(u, dt, A, Bm, Cm, h_in, **packed)
+            return y, lax.psum(jnp.where(index == size - 1, b, zeros), context_axis)
+
+        y, st = mixer_forward(params, x, config, mixer.State(conv_in, h0), scan=scan, xp=jnp)
+        conv_last = jnp.where(index == size - 1, st.conv_state, jnp.zeros_like(st.conv_state))
+        return y, mixer.State(lax.psum(conv_last, context_axis), st.ssm_state)
+
+    spec_x = P(data_axis, context_axis, None)
+    spec_state = mixer.State(P(data_axis), P(data_axis))
+    axes = {context_axis} | ({data_axis} if data_axis is not None else set())
+    fn = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(), spec_x, P(data_axis), P(data_axis)),
+        out_specs=(spec_x, spec_state),
+        axis_names=axes,
+        check_vma=False,
+    )
+    return fn(params, x, state.conv_state, state.ssm_state)
 
 
 # ---------------------------------------------------------------- language models
