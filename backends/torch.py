@@ -62,6 +62,7 @@ __all__ = [
     "MambaTorch",
     "TorchBackend",
     "build_parameters",
+    "context_forward",
     "get_backend",
     "replace_mixers",
     "torch_forward",
@@ -307,6 +308,117 @@ def torch_step(params: Mapping[str, Array], state: MambaState, x_t: Array, confi
     return mixer_step(params, state, x_t, config, xp=xp_torch)
 
 
+# ---------------------------------------------------------------- context parallelism
+class _Tie(torch.autograd.Function):
+    """x unchanged, made to depend on `others` (zero gradients for them): every rank's
+    output then reaches every collective, so each rank's backward runs the same collectives
+    in the same order (rank 0 uses no received value, yet must join their backward)."""
+
+    @staticmethod
+    def forward(ctx, x, *others):
+        ctx.specs = [(o.shape, o.dtype, o.device) for o in others]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros(s, dtype=d, device=v) for s, d, v in ctx.specs))
+
+
+def _gather(tensor: Array, group) -> tuple[Array, ...]:
+    """Every rank's `tensor` (differentiable all-gather; its backward sums the gradients
+    of all ranks into each rank's own tensor).  torch.distributed.nn's all-gather: its
+    backward runs on gloo (all-to-all) as on NCCL; the suggested functional-collectives
+    replacement needs a reduce-scatter, which gloo lacks."""
+    import warnings
+
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprec")
+        return tuple(all_gather(tensor.contiguous(), group=group))
+
+
+def _context_scan(inner, group):
+    """Wrap a mixer scan for a sequence split over the ranks of `group`: each rank scans its
+    stretch from zero, the (total decay, final state) pairs of all stretches are gathered
+    (one all-gather of S * B*E*N values) and combined locally in rank order, and each rank
+    rescans its stretch from the state it is owed.  Exact; gradients flow back through the
+    all-gather to the ranks that produced each pair."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank(group)
+
+    def scan(u, dt, A, Bm, Cm, h_start, keep=None):
+        _, h_zero = inner(u, dt, A, Bm, Cm, torch.zeros_like(h_start))
+        total = dt.sum(dim=1)  # (B, E) or (B, H)
+        if A.ndim == 2:  # Mamba-1: a decay per (channel, state)
+            decay = torch.exp(total[..., None] * A)
+        else:  # Mamba-2: one per head
+            decay = torch.exp(total * A)[..., None, None]
+        pairs = _gather(torch.cat([decay.expand_as(h_zero), h_zero], dim=-1), group)
+        n = h_zero.shape[-1]
+        h, h_in = h_start, None
+        for i, pair in enumerate(pairs):
+            if i == rank:
+                h_in = _Tie.apply(h, *pairs)
+            h = pair[..., :n] * h + pair[..., n:]
+        y, _ = inner(u, dt, A, Bm, Cm, h_in)
+        return y, h
+
+    return scan
+
+
+def context_forward(
+    params: Mapping[str, Array],
+    x: Array,
+    config: MambaConfig,
+    state: Any = None,
+    *,
+    group,
+    scan_type: str | None = None,
+    compile_scan: bool = False,
+):
+    """The mixer with the sequence split over the ranks of the `torch.distributed` process
+    group `group` (gloo on CPU, NCCL on GPUs): x (B, L/S, H) is this rank's stretch (rank r
+    holds tokens [r*L/S, (r+1)*L/S)); returns this rank's outputs and the state after the
+    whole sequence (the same on every rank).  The conv's halo (the previous stretch's last
+    d_conv-1 conv inputs) and the scan's (decay, state) pairs are all-gathered, O(S*B*C*K)
+    and O(S*B*E*N) values per layer, never O(L).  Autograd works across ranks: the gradient
+    of a parameter is the sum over the group of each rank's `.grad` (all-reduce it, as
+    DistributedDataParallel does over a data group).  `state` continues a sequence (every
+    rank passes the same one)."""
+    import torch.distributed as dist
+
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    mixer = mixer_for(config)
+    k = config.d_conv
+    batch, length, _ = x.shape
+    if length < k - 1:
+        raise ValueError(
+            f"each rank's stretch must hold at least d_conv - 1 = {k - 1} tokens; received "
+            f"x.shape[1]={length} on rank {rank} of {size}"
+        )
+    if state is None:
+        state = init_state(config, batch, dtype=x.dtype, xp=xp_torch, device=x.device)
+    conv0, h0 = state
+    if k > 1:
+        tail = mixer.conv_inputs(params, x[:, length - (k - 1) :, :], config, xp=xp_torch)
+        tails = _gather(tail.transpose(1, 2).to(conv0.dtype), group)  # (B, C, K-1) each
+        if rank == 0:
+            conv_in = _Tie.apply(conv0, *tails)
+        else:
+            conv_in = torch.cat([torch.zeros_like(conv0[..., :1]), tails[rank - 1]], dim=-1)
+    else:
+        conv_in = conv0
+    algorithm = _resolve_scan(config, scan_type, x.device)
+    inner = _scan_for(config.version, algorithm, config.chunk_size, compile_scan)
+    y, st = mixer_forward(
+        params, x, config, mixer.State(conv_in, h0), scan=_context_scan(inner, group), xp=xp_torch
+    )
+    convs = _gather(st.conv_state, group)  # the final conv state is the last stretch's
+    return _Tie.apply(y, *convs), mixer.State(convs[size - 1], st[1])
+
+
 # ---------------------------------------------------------------- the backend
 _DTYPES = {
     "float32": torch.float32,
@@ -531,8 +643,13 @@ class MambaTorch(nn.Module):
         return_state: bool = False,
         seq_idx: Array | None = None,
         cu_seqlens: Array | None = None,
+        context_group: Any = None,
     ):
         """x (B, L, H) -> y (B, L, H) in x's dtype (and the state, with `return_state`).
+
+        `context_group` (a `torch.distributed` process group): context parallelism, x is
+        this rank's stretch of the sequence (see `context_forward`); the state returned is
+        the whole sequence's.  It does not combine with `mask` or packing.
 
         `seq_idx` (B, L) / `cu_seqlens` (S+1,): packed sequences, each computed as if alone
         (see `mamba_core.checks.packed_index`); the state returned is the last sequence's.
@@ -547,6 +664,23 @@ class MambaTorch(nn.Module):
         if mask is not None:
             mask = _check_mask(mask, x)
         packed = packed_index(tuple(x.shape[:2]), seq_idx, cu_seqlens, owner="MambaTorch")
+        if context_group is not None:
+            if mask is not None or packed is not None:
+                raise ValueError(
+                    "context_group splits one unpadded sequence per row over the ranks; it "
+                    "does not combine with mask, seq_idx or cu_seqlens (received "
+                    f"mask={'set' if mask is not None else None}, packing="
+                    f"{'set' if packed is not None else None})"
+                )
+            y, new_state = context_forward(
+                self.params_dict(),
+                x,
+                self.config,
+                state,
+                group=context_group,
+                compile_scan=self.compile_scan,
+            )
+            return (y, new_state) if return_state else y
         y, new_state = torch_forward(
             self.params_dict(),
             x,
