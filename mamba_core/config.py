@@ -33,7 +33,27 @@ ACTIVATIONS = ("swish", "silu", "gelu", "relu")
 #: Scan algorithms accepted by `MambaConfig.scan_type`.
 SCAN_TYPES = ("auto", "linear", "associative", "cumulative")
 #: Mixer versions accepted by `MambaConfig.version` (`mamba_core.mixers.MIXERS`).
-VERSIONS = ("mamba1", "mamba2")
+VERSIONS = ("mamba1", "mamba2", "mamba3")
+#: the conv / dt-projection fields Mamba-3 does not have: its config leaves them unset
+_NOT_MAMBA3 = {"d_conv": 4, "use_conv_bias": True, "dt_rank": 32}
+#: the Mamba-3-only fields and their defaults (other versions must leave them so)
+_MAMBA3_ONLY = {
+    "rope_fraction": 0.5,
+    "mimo": False,
+    "mimo_rank": 4,
+    "outproj_norm": False,
+    "A_floor": 1e-4,
+}
+
+
+class _Unset:
+    """The default of a field whose value depends on `version` (see `_NOT_MAMBA3`)."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET: Any = _Unset()
 #: Keys a `[modules.mamba]` TOML table may carry that are not layer fields.
 _TABLE_ONLY_KEYS = frozenset({"enabled"})
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -66,11 +86,11 @@ class MambaConfig:
 
     hidden_size: int = 768
     d_state: int = 64
-    d_conv: int = 4
+    d_conv: int = _UNSET  # 4 (Mamba-1 and -2); None for Mamba-3
     expand_factor: int = 2
-    dt_rank: int | str = 32
+    dt_rank: int | str = _UNSET  # 32 (Mamba-1); None for Mamba-3
     use_bias: bool = False
-    use_conv_bias: bool = True
+    use_conv_bias: bool = _UNSET  # True (Mamba-1 and -2); None for Mamba-3
     activation: str = "swish"
     layer_norm_epsilon: float = 1e-5
     use_tpu_optimizations: bool = True
@@ -87,9 +107,38 @@ class MambaConfig:
     n_groups: int = 1
     time_step_limit: tuple[float, float] = (0.0, math.inf)
     A_init_range: tuple[float, float] = (1.0, 16.0)
+    rope_fraction: float = 0.5
+    mimo: bool = False
+    mimo_rank: int = 4
+    outproj_norm: bool = False
+    A_floor: float = 1e-4
 
     def __post_init__(self) -> None:
         errors = []
+        if self.version == "mamba3":
+            for name in _NOT_MAMBA3:
+                value = getattr(self, name)
+                if value is _UNSET or value is None:
+                    object.__setattr__(self, name, None)
+                else:
+                    errors.append(
+                        f"{name}={value!r} is invalid for version='mamba3': Mamba-3 has no "
+                        "conv and no dt projection (leave d_conv, use_conv_bias and dt_rank "
+                        "unset)"
+                    )
+            if errors:
+                raise ValueError("invalid MambaConfig: " + "; ".join(errors))
+        else:
+            for name, default in _NOT_MAMBA3.items():
+                if getattr(self, name) is _UNSET:
+                    object.__setattr__(self, name, default)
+            for name, default in _MAMBA3_ONLY.items():
+                value = getattr(self, name)
+                if value != default or type(value) is not type(default):
+                    errors.append(
+                        f"{name}={value!r} applies to version='mamba3' only (version="
+                        f"{self.version!r}; leave it at {default!r})"
+                    )
         for name in ("time_step_limit", "A_init_range"):  # JSON / TOML give lists
             value = getattr(self, name)
             if isinstance(value, list):
@@ -100,9 +149,11 @@ class MambaConfig:
 
         for name in ("hidden_size", "d_state", "d_conv", "expand_factor"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if (value is not None or name != "d_conv") and (not _is_int(value) or value < 1):
                 bad(name, "a positive int")
-        if self.dt_rank == "auto":
+        if self.dt_rank is None:
+            pass  # Mamba-3
+        elif self.dt_rank == "auto":
             if _is_int(self.hidden_size) and self.hidden_size >= 1:
                 object.__setattr__(self, "dt_rank", math.ceil(self.hidden_size / 16))
         elif not _is_int(self.dt_rank) or self.dt_rank < 1:
@@ -110,7 +161,9 @@ class MambaConfig:
         if self.chunk_size != "auto" and (not _is_int(self.chunk_size) or self.chunk_size < 1):
             bad("chunk_size", "a positive int or 'auto' (each scan's default)")
         for name in ("use_bias", "use_conv_bias", "use_tpu_optimizations", "use_mixed_precision"):
-            if not isinstance(getattr(self, name), bool):
+            if not isinstance(getattr(self, name), bool) and not (
+                name == "use_conv_bias" and self.version == "mamba3"
+            ):
                 bad(name, "a bool (True or False)")
         if self.activation not in ACTIVATIONS:
             bad("activation", f"one of {', '.join(map(repr, ACTIVATIONS))}")
@@ -131,11 +184,14 @@ class MambaConfig:
             )
         if self.version not in VERSIONS:
             bad("version", f"one of {', '.join(map(repr, VERSIONS))}")
-        elif self.version == "mamba2" and not errors:
+        elif self.version in ("mamba2", "mamba3") and not errors:
             errors.extend(self._check_mamba2())
+            if self.version == "mamba3" and not errors:
+                errors.extend(self._check_mamba3())
         if not errors:  # the initial weights must be finite in float32
             bounds = {
-                "dt_scale": self.dt_scale / math.sqrt(self.dt_rank),  # dt_proj.weight bound
+                # dt_proj.weight bound (Mamba-1)
+                "dt_scale": self.dt_scale / math.sqrt(self.dt_rank or 1),
                 "dt_max": self.dt_max,  # softplus^-1(dt) ~ dt for large dt: dt_proj.bias
                 "dt_init_floor": self.dt_init_floor,
             }
@@ -205,6 +261,49 @@ class MambaConfig:
             object.__setattr__(self, "num_heads", heads)
             object.__setattr__(self, "head_dim", dim)
         return errors
+
+    def _check_mamba3(self) -> list[str]:
+        """Validate the Mamba-3 fields (after the heads / groups of `_check_mamba2`)."""
+        errors = []
+        if self.rope_fraction not in (0.5, 1.0) or isinstance(self.rope_fraction, bool):
+            errors.append(
+                f"rope_fraction={self.rope_fraction!r} is invalid: expected 0.5 or 1.0 (the "
+                "fraction of d_state rotated, as upstream)"
+            )
+        for name in ("mimo", "outproj_norm"):
+            if not isinstance(getattr(self, name), bool):
+                errors.append(f"{name}={getattr(self, name)!r} is invalid: expected a bool")
+        if not _is_int(self.mimo_rank) or self.mimo_rank < 1:
+            errors.append(f"mimo_rank={self.mimo_rank!r} is invalid: expected a positive int")
+        if self.use_bias:
+            errors.append("use_bias=True is invalid for version='mamba3': its linears have no bias")
+        if not _is_real(self.A_floor) or not (math.isfinite(self.A_floor) and self.A_floor > 0):
+            errors.append(f"A_floor={self.A_floor!r} is invalid: expected a finite number > 0")
+        if errors:
+            return errors
+        if self.rope_angles < 1:
+            errors.append(
+                f"d_state={self.d_state} with rope_fraction={self.rope_fraction} gives no rotary "
+                "angle (int(d_state * rope_fraction) rounded down to even must be >= 2)"
+            )
+        if self.mimo and self.d_state % 2:
+            errors.append(
+                f"d_state={self.d_state} is invalid with mimo=True: MIMO rotates the halves "
+                "(j, j + d_state/2) of the state, so d_state must be even"
+            )
+        return errors
+
+    @property
+    def rope_angles(self) -> int:
+        """Mamba-3's number of rotary angles S = (int(N * rope_fraction) rounded down to even)
+        / 2."""
+        s = int(self.d_state * self.rope_fraction)
+        return (s - s % 2) // 2
+
+    @property
+    def ranks(self) -> int:
+        """Mamba-3's R: mimo_rank with MIMO, else 1."""
+        return self.mimo_rank if self.mimo else 1
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -293,6 +392,13 @@ class MambaConfig:
 
     def describe(self) -> str:
         """The sizes that decide the parameter shapes, for error messages."""
+        if self.version == "mamba3":
+            return (
+                f"version='mamba3', hidden_size={self.hidden_size}, d_inner={self.d_inner}, "
+                f"d_state={self.d_state}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+                f"n_groups={self.n_groups}, rope_fraction={self.rope_fraction}, mimo="
+                f"{self.mimo}, mimo_rank={self.mimo_rank}, outproj_norm={self.outproj_norm}"
+            )
         if self.version == "mamba2":
             return (
                 f"version='mamba2', hidden_size={self.hidden_size}, d_inner={self.d_inner}, "

@@ -13,12 +13,12 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..config import MambaConfig
-from . import mamba1, mamba2
+from . import mamba1, mamba2, mamba3
 
 __all__ = ["MIXERS", "mixer_for"]
 
 #: config.version -> the mixer module
-MIXERS: dict[str, ModuleType] = {mamba1.NAME: mamba1, mamba2.NAME: mamba2}
+MIXERS: dict[str, ModuleType] = {m.NAME: m for m in (mamba1, mamba2, mamba3)}
 
 
 def mixer_for(config: MambaConfig) -> ModuleType:
