@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -c requirements/constraints.txt
 
-.PHONY: demo test bench bench-mamba2 bench-generate bench-pytest lint clean
+.PHONY: demo test bench bench-mamba2 bench-generate bench-packing bench-context bench-pytest lint clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ bench: $(VENV)/.bench-stamp
 ## bench-mamba2: the Mamba-2 layer against HF Mamba2Mixer (bench/results/mamba2.{json,md})
 bench-mamba2: $(VENV)/.bench-stamp
 	$(BIN)/python -m bench.mamba2
+
+## bench-packing: one packed row against the same sequences padded to a batch
+bench-packing: $(VENV)/.bench-stamp
+	$(BIN)/python -m bench.packing
+
+## bench-context: context parallelism on 8 forced host devices (time, bytes per collective)
+bench-context: $(VENV)/.bench-stamp
+	$(BIN)/python -m bench.context
 
 ## bench-generate: 130m-shaped language models, prefill and decode, against HF generate
 bench-generate: $(VENV)/.bench-stamp

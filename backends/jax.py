@@ -46,6 +46,7 @@ from mamba_core.params import to_numpy
 from mamba_core.registry import Backend
 from mamba_core.scan import DEFAULT_CHUNK, chunk_cumulative
 from mamba_core.ssd import SSD_DEFAULT_CHUNK, ssd_chunk_associative, ssd_chunk_cumulative
+from mamba_core.ssd3 import SSD3_ALGORITHMS, SSD3_DEFAULT_CHUNK
 
 __all__ = [
     "SCANS",
@@ -115,7 +116,7 @@ _CHUNK_BODIES = {
 #: `lax.associative_scan` wants long chunks to have parallel work (the TPU path)
 JAX_CHUNK = {**DEFAULT_CHUNK, "associative": 64}
 #: the same per mixer version (Mamba-2: the core's SSD defaults)
-_JAX_CHUNKS = {"mamba1": JAX_CHUNK, "mamba2": SSD_DEFAULT_CHUNK}
+_JAX_CHUNKS = {"mamba1": JAX_CHUNK, "mamba2": SSD_DEFAULT_CHUNK, "mamba3": SSD3_DEFAULT_CHUNK}
 
 
 def chunk_length(algorithm: str, chunk_size: int | str = "auto", version: str = "mamba1") -> int:
@@ -201,15 +202,16 @@ _SSD_BODIES = {
 del ssd_chunk_associative  # the core's version is the reference; JAX uses lax's scan
 
 
-def ssd_chunked_scan(algorithm: str, chunk_size: int | str = "auto"):
-    """A Mamba-2 `scan(x, dt, A, Bm, Cm, S0) -> (y, S)` running `algorithm` chunk by chunk:
-    `lax.scan` over chunks, each `jax.checkpoint`-ed (one state per chunk kept for the
-    backward pass).  A ragged tail is padded with dt = 0 steps (decay 1, input 0)."""
-    body_fn = _SSD_BODIES[algorithm]
+def ssd_chunked_scan(algorithm: str, chunk_size: int | str = "auto", version: str = "mamba2"):
+    """A Mamba-2 `scan(x, dt, A, Bm, Cm, S0) -> (y, S)` (Mamba-3: `scan(v, a, A, k, q, S0)`)
+    running `algorithm` chunk by chunk: `lax.scan` over chunks, each `jax.checkpoint`-ed (one
+    state per chunk kept for the backward pass).  A ragged tail is padded with zero steps
+    (dt or a = 0: decay 1, input 0)."""
+    body_fn = (_SSD_BODIES if version == "mamba2" else _SSD3_BODIES)[algorithm]
 
     def scan(x, dt, A, Bm, Cm, S0, keep=None):
         batch, length = dt.shape[:2]
-        size = min(chunk_length(algorithm, chunk_size, "mamba2"), length)
+        size = min(chunk_length(algorithm, chunk_size, version), length)
         chunks = math.ceil(length / size)
         pad = chunks * size - length
 
@@ -235,7 +237,33 @@ def ssd_chunked_scan(algorithm: str, chunk_size: int | str = "auto"):
 
 
 #: mixer version -> the builder of its chunked JAX scans
-_SCAN_BUILDERS = {"mamba1": chunked_scan, "mamba2": ssd_chunked_scan}
+#: the Mamba-3 chunk bodies: the core's, traced with jax.numpy (the linear one by lax.scan)
+def _ssd3_linear(S, a, v, k, q, A=None, keep=None):
+    decay = jnp.exp(a) if keep is None else jnp.exp(a) * keep[..., None]
+
+    def one_step(S, xs):
+        d, vt, kt, qt = xs
+        S = d[..., None, None] * S + jnp.einsum("bhrp,bhrn->bhpn", vt, kt)
+        return S, jnp.einsum("bhrn,bhpn->bhrp", qt, S)
+
+    t = functools.partial(jnp.swapaxes, axis1=0, axis2=1)
+    S, y = lax.scan(one_step, S, (t(decay), t(v), t(k), t(q)))
+    return t(y), S
+
+
+def _core3(name: str):
+    fn = SSD3_ALGORITHMS[name]
+    return lambda S, a, v, k, q, A=None, keep=None: fn(S, a, v, k, q, A, xp=jnp, keep=keep)
+
+
+_SSD3_BODIES = {"linear": _ssd3_linear, "associative": _core3("associative"),
+                "cumulative": _core3("cumulative")}  # fmt: skip
+
+_SCAN_BUILDERS = {
+    "mamba1": chunked_scan,
+    "mamba2": ssd_chunked_scan,
+    "mamba3": functools.partial(ssd_chunked_scan, version="mamba3"),
+}
 
 # ---------------------------------------------------------------- jitted entry points
 _TRACES = {"forward": 0, "step": 0}

@@ -54,6 +54,7 @@ from mamba_core.params import check_state_dict, init_params, raise_mismatch, to_
 from mamba_core.registry import Backend
 from mamba_core.scan import ALGORITHMS, DEFAULT_CHUNK
 from mamba_core.ssd import SSD_ALGORITHMS, SSD_DEFAULT_CHUNK
+from mamba_core.ssd3 import SSD3_ALGORITHMS, SSD3_DEFAULT_CHUNK
 
 __all__ = [
     "HFMixerAdapter",
@@ -78,6 +79,8 @@ _CHUNKS = {
     ("cuda", "mamba1"): {**DEFAULT_CHUNK, "cumulative": 16},
     ("cpu", "mamba2"): SSD_DEFAULT_CHUNK,
     ("cuda", "mamba2"): SSD_DEFAULT_CHUNK,
+    ("cpu", "mamba3"): SSD3_DEFAULT_CHUNK,
+    ("cuda", "mamba3"): SSD3_DEFAULT_CHUNK,
 }
 #: the in-place CPU loop precomputes the decays of this many steps at once (cache-sized)
 _INPLACE_CHUNK = 8
@@ -210,7 +213,7 @@ def _chunked(chunk_fn, u, dt, A, Bm, Cm, h0, size: int, use_checkpoint: bool, ke
 
 
 def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def make_scan(algorithm: str, chunk_size="auto", *, compile_scan: bool = False):
@@ -238,17 +241,21 @@ def make_scan(algorithm: str, chunk_size="auto", *, compile_scan: bool = False):
     return scan
 
 
-def make_ssd_scan(algorithm: str, chunk_size="auto", *, compile_scan: bool = False):
-    """A Mamba-2 `scan(x, dt, A, Bm, Cm, S0) -> (y, S)` for `algorithm` on torch tensors: the
-    core's chunk functions, each chunk under `torch.utils.checkpoint` when autograd is on
-    (one state per chunk kept for the backward pass).  `compile_scan` is Mamba-1 only."""
-    if algorithm not in SSD_ALGORITHMS:
-        raise ValueError(f"scan {algorithm!r} is invalid: expected one of {sorted(SSD_ALGORITHMS)}")
-    chunk_fn = functools.partial(SSD_ALGORITHMS[algorithm], xp=xp_torch)
+def make_ssd_scan(
+    algorithm: str, chunk_size="auto", *, compile_scan: bool = False, version: str = "mamba2"
+):
+    """A Mamba-2 `scan(x, dt, A, Bm, Cm, S0) -> (y, S)` (Mamba-3: `scan(v, a, A, k, q, S0)`)
+    for `algorithm` on torch tensors: the core's chunk functions, each chunk under
+    `torch.utils.checkpoint` when autograd is on (one state per chunk kept for the backward
+    pass).  `compile_scan` is Mamba-1 only."""
+    table = SSD_ALGORITHMS if version == "mamba2" else SSD3_ALGORITHMS
+    if algorithm not in table:
+        raise ValueError(f"scan {algorithm!r} is invalid: expected one of {sorted(table)}")
+    chunk_fn = functools.partial(table[algorithm], xp=xp_torch)
 
     @torch.compiler.disable
     def scan(x, dt, A, Bm, Cm, S0, keep=None):
-        size = _chunk(algorithm, chunk_size, x.device, "mamba2")
+        size = _chunk(algorithm, chunk_size, x.device, version)
         grad = _needs_grad(x, dt, A, Bm, Cm, S0)
         return _chunked(chunk_fn, x, dt, A, Bm, Cm, S0, size, grad, keep)
 
@@ -256,7 +263,11 @@ def make_ssd_scan(algorithm: str, chunk_size="auto", *, compile_scan: bool = Fal
 
 
 #: mixer version -> the maker of its torch scans
-_SCAN_MAKERS = {"mamba1": make_scan, "mamba2": make_ssd_scan}
+_SCAN_MAKERS = {
+    "mamba1": make_scan,
+    "mamba2": make_ssd_scan,
+    "mamba3": functools.partial(make_ssd_scan, version="mamba3"),
+}
 _SCANS: dict[tuple[str, str, Any, bool], Any] = {}
 
 
@@ -614,7 +625,7 @@ class MambaTorch(nn.Module):
             raise TypeError(
                 f"MambaTorch expected a floating {what}, received {what}.dtype={x.dtype}"
             )
-        dev = self.A_log.device
+        dev = self.out_proj.weight.device
         if x.device != dev:
             raise ValueError(
                 f"{what} is on {x.device} but the module's parameters are on {dev}; move one "
@@ -706,9 +717,9 @@ class MambaTorch(nn.Module):
         return init_state(
             self.config,
             batch_size,
-            dtype=dtype or self.A_log.dtype,
+            dtype=dtype or self.out_proj.weight.dtype,
             xp=xp_torch,
-            device=self.A_log.device,
+            device=self.out_proj.weight.device,
         )
 
     def extra_repr(self) -> str:
@@ -734,11 +745,14 @@ class MambaBlockTorch(nn.Module):
         self.config = self.mixer.config
         self.norm_epsilon, self.residual_in_fp32 = norm_epsilon, residual_in_fp32
         build_parameters(
-            self, {"norm.weight": (self.config.hidden_size,)}, None, self.mixer.A_log.dtype
+            self,
+            {"norm.weight": (self.config.hidden_size,)},
+            None,
+            self.mixer.out_proj.weight.dtype,
         )
         with torch.no_grad():
             self.norm.weight.fill_(1.0)
-        self.norm.to(self.mixer.A_log.device)
+        self.norm.to(self.mixer.out_proj.weight.device)
 
     def forward(
         self, x: Array, mask: Array | None = None, state: Any = None, *, return_state=False

@@ -496,6 +496,59 @@ def task_generate(task: dict) -> dict:
     }
 
 
+def packed_lengths(total: int = 8192, lo: int = 16, hi: int = 2048, seed: int = 0) -> list[int]:
+    """Sequence lengths drawn log-uniform in [lo, hi] until they fill `total` tokens (the
+    last one cut to fit): one packed row."""
+    rng = np.random.default_rng(seed)
+    lengths: list[int] = []
+    while sum(lengths) < total:
+        lengths.append(int(np.exp(rng.uniform(np.log(lo), np.log(hi)))))
+    lengths[-1] -= sum(lengths) - total
+    return [n for n in lengths if n > 0]
+
+
+def task_packing(task: dict) -> dict:
+    """The same sequences as one packed row (`seq_idx`: outputs, the row's last state), as
+    `cu_seqlens` (outputs and one state per sequence) or as a right-padded batch
+    (`attention_mask`), forward, float32, no grad."""
+    from mamba_core import MambaModule
+
+    impl, mode = task["impl"], task["mode"]
+    cfg = _config2() if task["version"] == "mamba2" else _config("auto")
+    lengths = packed_lengths()
+    total = sum(lengths)
+    rng = np.random.default_rng(0)
+    module = MambaModule(cfg, backend=impl, seed=0)
+    if mode in ("packed", "cu_seqlens"):
+        x = module.backend.asarray(rng.standard_normal((1, total, 768), dtype=np.float32))
+        if mode == "packed":
+            kwargs = {"seq_idx": np.repeat(np.arange(len(lengths)), lengths)[None, :]}
+        else:
+            kwargs = {"cu_seqlens": np.concatenate([[0], np.cumsum(lengths)])}
+    else:
+        longest = max(lengths)
+        x = module.backend.asarray(
+            rng.standard_normal((len(lengths), longest, 768), dtype=np.float32)
+        )
+        mask = (np.arange(longest)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+        kwargs = {"attention_mask": mask}
+
+    def fn():
+        out = module(x, **kwargs)["output"]
+        if impl == "jax":
+            out.block_until_ready()
+
+    fn()
+    result = measured(fn, task.get("repeats", 3))
+    return {
+        **result,
+        "sequences": len(lengths),
+        "tokens": total,
+        "computed_tokens": int(np.prod(x.shape[:2])),
+        "tokens_per_s": round(total / result["time_s"], 1),
+    }
+
+
 TASKS = {
     "generate": task_generate,
     "forward2": task_forward2,
@@ -504,6 +557,7 @@ TASKS = {
     "decode": task_decode,
     "train": task_train,
     "machine": task_machine,
+    "packing": task_packing,
 }
 
 

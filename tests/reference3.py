@@ -53,9 +53,7 @@ def mamba3_reference(params, u, cfg, state=None):
     for b in range(batch):
         for t in range(length):
             row = p["in_proj.weight"] @ u[b, t]
-            z, x, bp, cp, dd_dt, dd_a, trap, ang = (
-                row[cuts[i] : cuts[i + 1]] for i in range(8)
-            )
+            z, x, bp, cp, dd_dt, dd_a, trap, ang = (row[cuts[i] : cuts[i + 1]] for i in range(8))
             z, x = z.reshape(heads, hd), x.reshape(heads, hd)
             bn = _rms(bp.reshape(r, g, n), p["B_norm.weight"])
             cn = _rms(cp.reshape(r, g, n), p["C_norm.weight"])

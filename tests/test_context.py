@@ -72,6 +72,21 @@ g1 = jax.grad(lambda q: (mj.forward(q, x, cfg)[0] ** 2).sum())(p)
 g = jax.grad(lambda q: (mj.context_forward(q, x, cfg, mesh=mesh, data_axis="data")[0] ** 2).sum())(p)
 out["mesh3"] = [float(jnp.abs(y - y1).max()), float(jnp.abs(st.ssm_state - s1.ssm_state).max()),
                 max(float(jnp.abs(g[k] - g1[k]).max() / (jnp.abs(g1[k]).max() + 1e-30)) for k in g)]
+# composition with data and model axes: mesh 2x2x2, parameters sharded over "model"
+out["mesh222"] = []
+for name, fields in versions.items():
+    cfg = MambaConfig(**fields, chunk_size=4)
+    p = {k: jnp.asarray(v) for k, v in init_params(cfg, 2).items()}
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "model", "context"))
+    ps = mj.shard_params(p, mesh, cfg)
+    y1, s1 = mj.forward(p, x, cfg)
+    cp = jax.jit(lambda q, v: mj.context_forward(q, v, cfg, mesh=mesh, data_axis="data"))
+    y, st = cp(ps, x)
+    g1 = jax.grad(lambda q: (mj.forward(q, x, cfg)[0] ** 2).sum())(p)
+    g = jax.jit(jax.grad(lambda q: (cp(q, x)[0] ** 2).sum()))(ps)
+    out["mesh222"].append([name, float(jnp.abs(y - y1).max()), float(jnp.abs(st.ssm_state - s1.ssm_state).max()),
+        max(float(jnp.abs(g[k] - g1[k]).max() / (jnp.abs(g1[k]).max() + 1e-30)) for k in g),
+        str(st.ssm_state.sharding.spec)])
 for length in (25, 16):
     try:
         mj.context_forward(p, jnp.zeros((1, length, 16)), cfg, mesh=Mesh(np.array(jax.devices()), ("context",)))
@@ -108,5 +123,8 @@ def test_context_parallel_equals_one_device_and_moves_only_states():
         assert short == long, (short, long)  # the same collectives whatever L: never O(L)
     dy, ds, dg = out["mesh3"]
     assert max(dy, ds, dg) < 1e-12, out["mesh3"]
+    for name, dy, ds, dg, spec in out["mesh222"]:
+        assert max(dy, ds, dg) < 1e-12, (name, dy, ds, dg)
+        assert spec.endswith("('data', 'model')"), (name, spec)  # the scan ran sharded
     assert "seq_len must be divisible by 8" in out["errors"][0]
     assert "at least d_conv - 1 = 3 tokens" in out["errors"][1]

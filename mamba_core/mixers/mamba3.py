@@ -29,6 +29,7 @@ inputs under `use_mixed_precision`; the decode state's `k` and `v` stay in the m
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -131,7 +132,7 @@ def init_params(config: MambaConfig, rng: np.random.Generator) -> dict[str, np.n
     """The official initialisation (float64): linears uniform in +-1/sqrt(fan_in); `dt_bias`
     = softplus^-1(dt), dt log-uniform in [dt_min, dt_max] floored at dt_init_floor; B/C
     biases, norms and D one; mimo_x and mimo_o 1/R, mimo_z 1."""
-    d, e, h, p, _, n, r, _ = sizes(config)
+    d, e, h, p, _, _, r, _ = sizes(config)
     shapes = param_shapes(config)
     params: dict[str, np.ndarray] = {}
     params["in_proj.weight"] = rng.uniform(-1, 1, size=shapes["in_proj.weight"]) / math.sqrt(d)
@@ -314,7 +315,7 @@ def forward(
     proj = linear(x, cast(params["in_proj.weight"], dtype, xp), None, xp=xp)
     bounds = np.cumsum([0, *proj_splits(config)])
     z, xs, bp, cp, dd_dt, dd_a, trap, ang = (
-        proj[..., int(lo) : int(hi)] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        proj[..., int(lo) : int(hi)] for lo, hi in itertools.pairwise(bounds)
     )
     mask = None if attention_mask is None else cast(attention_mask, sdtype, xp)
     z = cast(xp.reshape(z, (batch, length, h, p)), sdtype, xp)
