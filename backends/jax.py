@@ -427,6 +427,12 @@ def context_forward(
     x (B, L, H) with L divisible by S and L/S >= d_conv - 1; `state` continues a sequence
     (the first stretch starts from it); `data_axis` also splits the batch.
     """
+    if config.d_conv is None:
+        raise ValueError(
+            "Mamba-3 has no conv and its trapezoid looks one token back across stretches: "
+            "context parallelism supports version='mamba1' and 'mamba2' (received "
+            f"version={config.version!r})"
+        )
     size = mesh.shape[context_axis]
     batch, length, _ = x.shape
     k = config.d_conv

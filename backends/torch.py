@@ -400,6 +400,12 @@ def context_forward(
     rank passes the same one)."""
     import torch.distributed as dist
 
+    if config.d_conv is None:
+        raise ValueError(
+            "Mamba-3 has no conv and its trapezoid looks one token back across stretches: "
+            "context parallelism supports version='mamba1' and 'mamba2' (received "
+            f"version={config.version!r})"
+        )
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     mixer = mixer_for(config)
     k = config.d_conv

@@ -142,6 +142,8 @@ class BackendIO:
             xp.reshape(out, (count * longest, -1)),
             (np.arange(count)[:, None] * longest + pos)[real][None, :],
         )
+        if "conv_state" not in new_state._fields:  # no conv (Mamba-3): the masked run's state
+            return output, new_state
         # the conv state: entries n..n+K-1 of [initial conv state (K) | the n conv inputs]
         j = np.arange(k)
         from_input = lengths[:, None] - k + j[None, :] >= 0  # (S, K)

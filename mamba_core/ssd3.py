@@ -50,8 +50,10 @@ def ssd3_chunk_linear(S, a, v, k, q, A=None, *, xp=None, keep=None):
         decay = decay * keep[..., None]
     ys = []
     for t in range(a.shape[1]):
-        S = decay[:, t, :, None, None] * S + xp.matmul(xp.matrix_transpose(v[:, t]), k[:, t])
-        ys.append(xp.matmul(q[:, t], xp.matrix_transpose(S)))  # (B,H,R,P)
+        S = decay[:, t, :, None, None] * S + xp.matmul(
+            xp.matrix_transpose(v[:, t, ...]), k[:, t, ...]
+        )
+        ys.append(xp.matmul(q[:, t, ...], xp.matrix_transpose(S)))  # (B,H,R,P)
     return xp.stack(ys, axis=1), S
 
 

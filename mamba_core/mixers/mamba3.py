@@ -352,8 +352,8 @@ def forward(
     # look-back at it (0 after the last token and before a packed sequence's start)
     gam = lam * dt
     nxt = dt * (1.0 - lam)
-    zero_row = xp.zeros_like(nxt[:, :1])
-    sig = xp.concat([nxt[:, 1:], zero_row], axis=1)
+    zero_row = xp.zeros_like(nxt[:, :1, :])
+    sig = xp.concat([nxt[:, 1:, :], zero_row], axis=1)
     if keep is not None:
         sig = sig * xp.concat([keep[:, 1:], xp.ones_like(keep[:, :1])], axis=1)[..., None]
     if state is None:
