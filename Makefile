@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -c requirements/constraints.txt
 
-.PHONY: demo test bench bench-mamba2 bench-generate bench-packing bench-context bench-pytest lint clean
+.PHONY: demo test bench bench-mamba2 bench-generate bench-packing bench-context bench-versions bench-pytest lint clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench-packing: $(VENV)/.bench-stamp
 ## bench-context: context parallelism on 8 forced host devices (time, bytes per collective)
 bench-context: $(VENV)/.bench-stamp
 	$(BIN)/python -m bench.context
+
+## bench-versions: Mamba-1, -2, -3 (SISO, MIMO) layers side by side: forward, training, decode
+bench-versions: $(VENV)/.bench-stamp
+	$(BIN)/python -m bench.versions
 
 ## bench-generate: 130m-shaped language models, prefill and decode, against HF generate
 bench-generate: $(VENV)/.bench-stamp

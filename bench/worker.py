@@ -549,6 +549,92 @@ def task_packing(task: dict) -> dict:
     }
 
 
+# ---------------------------------------------------------------- three versions side by side
+#: the layers of `bench.versions`: one width (hidden 768, expand 2), each version's own shape
+LAYERS = {
+    "mamba1": dict(SEED),
+    "mamba2": dict(version="mamba2", hidden_size=768, d_state=128, head_dim=64),
+    "mamba3-siso": dict(version="mamba3", hidden_size=768, d_state=128, head_dim=64),
+    "mamba3-mimo4": dict(version="mamba3", hidden_size=768, d_state=128, head_dim=64,
+                         mimo=True, mimo_rank=4),
+}  # fmt: skip
+
+
+def task_layer(task: dict) -> dict:
+    """One layer of `LAYERS[task["layer"]]`, float32: mode "forward" (no grad), "train"
+    (forward + backward of sum(y**2), jax | torch) or "decode" (ms per cached step after
+    `context` tokens)."""
+    from mamba_core import MambaConfig, MambaModule, init_params
+
+    impl, mode = task["impl"], task["mode"]
+    cfg = MambaConfig(**LAYERS[task["layer"]])
+    rng = np.random.default_rng(0)
+    batch = task.get("batch", 2)
+    if mode == "decode":
+        module = MambaModule(cfg, backend=impl, seed=0)
+        ctx = module.backend.asarray(
+            rng.standard_normal((batch, task.get("context", 64), 768), dtype=np.float32)
+        )
+        state = module(ctx)["state"]
+        toks = [
+            module.backend.asarray(rng.standard_normal((batch, 768), dtype=np.float32))
+            for _ in range(task.get("steps", 50))
+        ]
+        for t in toks[:5]:
+            module.step(t, state)
+        start = time.perf_counter()
+        for t in toks:
+            y, state = module.step(t, state)
+        if impl == "jax":
+            y.block_until_ready()
+        return {"ms_per_token": 1e3 * (time.perf_counter() - start) / len(toks)}
+    x = rng.standard_normal((batch, task["length"], 768), dtype=np.float32)
+    info: dict[str, Any] = {}
+    if mode == "forward":
+        module = MambaModule(cfg, backend=impl, seed=0)
+        native = module.backend.asarray(x)
+
+        def fn():
+            out = module(native)["output"]
+            if impl == "jax":
+                out.block_until_ready()
+
+        info["scan_used"] = module.get_metrics().get("scan_used")
+    elif impl == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        from mamba_core.backends import jax as mj
+
+        params = {k: jnp.asarray(v, jnp.float32) for k, v in init_params(cfg, 0).items()}
+        xj = jnp.asarray(x)
+        grad = jax.jit(
+            jax.grad(lambda p, v: jnp.sum(mj.forward(p, v, cfg)[0] ** 2), argnums=(0, 1))
+        )
+        start = time.perf_counter()
+        compiled = grad.lower(params, xj).compile()
+        info["compile_time_s"] = round(time.perf_counter() - start, 3)
+
+        def fn():
+            jax.block_until_ready(compiled(params, xj))
+    else:
+        import torch
+
+        from mamba_core.backends.torch import MambaTorch
+
+        model = MambaTorch(cfg, seed=0)
+        xt = torch.from_numpy(x).requires_grad_(True)
+
+        def fn():
+            model.zero_grad(set_to_none=True)
+            xt.grad = None
+            (model(xt) ** 2).sum().backward()
+
+    fn()
+    result = measured(fn, task.get("repeats", 2))
+    return {**result, **info, "tokens_per_s": round(batch * task["length"] / result["time_s"], 1)}
+
+
 TASKS = {
     "generate": task_generate,
     "forward2": task_forward2,
@@ -558,6 +644,7 @@ TASKS = {
     "train": task_train,
     "machine": task_machine,
     "packing": task_packing,
+    "layer": task_layer,
 }
 
 
