@@ -14,6 +14,8 @@ from .params import to_numpy
 SEED_CONFIG = {"hidden_size": 768, "d_state": 64, "scan_type": "associative"}
 #: a Mamba-2 layer of the same width (24 heads of 64, d_state 128)
 MAMBA2_CONFIG = {"version": "mamba2", "hidden_size": 768, "d_state": 128, "head_dim": 64}
+#: a Mamba-3 MIMO layer of the same width (rank 4)
+MAMBA3_CONFIG = {"version": "mamba3", "hidden_size": 768, "d_state": 128, "mimo": True}
 
 
 def _run(module: MambaModule, x: np.ndarray):
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
     for key, value in result["metrics"].items():
         print(f"    {key}: {value}")
 
-    for config in (SEED_CONFIG, MAMBA2_CONFIG):
+    for config in (SEED_CONFIG, MAMBA2_CONFIG, MAMBA3_CONFIG):
         reference = MambaModule(config, backend="numpy")
         ref_out = _run(reference, x)[1]
         scale = float(np.max(np.abs(ref_out)))
