@@ -18,6 +18,7 @@ from mamba_core import MambaConfig, MambaModule, init_params, param_shapes
 from mamba_core.mixer import Mamba2State
 from mamba_core.ssd import ssd_scan
 from tests.conftest import require, to_xp
+from tests.gradients import check_gradients
 from tests.reference import reference_forward_mamba2
 from tests.tolerances import assert_close, to_np
 
@@ -283,39 +284,16 @@ def test_long_sequence_with_large_dt(backend, scan, long_case2):
 def test_jax_gradients_match_finite_differences_and_torch(scan, rng):
     require("jax")
     require("torch")
-    import jax
-    import jax.numpy as jnp
-    import torch
-
-    from mamba_core.backends import jax as mj
-    from mamba_core.backends.torch import torch_forward
-
     cfg = cfg2(n_groups=2, scan_type=scan, chunk_size=4)
     params = init_params(cfg, seed=4)
     x = rng.standard_normal((2, 9, 16))
-    weights = rng.standard_normal((2, 9, 16))
-    jp = {k: jnp.asarray(v) for k, v in params.items()}
-
-    def loss(p, v):
-        return jnp.sum(mj.forward(p, v, cfg)[0] * weights)
-
-    g_params, g_x = jax.grad(loss, argnums=(0, 1))(jp, jnp.asarray(x))
-    # central finite differences along a random direction of every parameter and the input
-    eps = 1e-6
-    for name in ("in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "norm.weight"):
-        direction = rng.standard_normal(params[name].shape)
-        plus = {**jp, name: jp[name] + eps * direction}
-        minus = {**jp, name: jp[name] - eps * direction}
-        fd = (loss(plus, jnp.asarray(x)) - loss(minus, jnp.asarray(x))) / (2 * eps)
-        analytic = float(jnp.sum(g_params[name] * direction))
-        assert abs(fd - analytic) <= 1e-6 * max(1.0, abs(analytic)), name
-    # the same gradients from PyTorch autograd
-    tp = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
-    tx = torch.tensor(x, requires_grad=True)
-    (torch_forward(tp, tx, cfg)[0] * torch.from_numpy(weights)).sum().backward()
-    for name in params:
-        assert_close(tp[name].grad, g_params[name], "float64", factor=100)
-    assert_close(tx.grad, g_x, "float64", factor=100)
+    check_gradients(
+        cfg,
+        params,
+        x,
+        rng,
+        ("in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "norm.weight"),
+    )
 
 
 def test_jax_functional_api_under_jit_grad_and_vmap(rng):

@@ -367,8 +367,11 @@ def forward(
     kh = (gam + sig)[..., None, None] * kt
     packed = {} if keep is None else {"keep": keep}
     y, s = scan(v, a, None, kh, qt, s0, **packed)  # y (B,L,H,R,P) = q Sb
-    qk = xp.matmul(qt, xp.matrix_transpose(kt))  # (B,L,H,R,R)
-    y = y - sig[..., None, None] * xp.matmul(qk, v) + f32("D")[:, None, None] * v
+    if r == 1:  # SISO: one dot product per token and head (not a batch of 1x1 products)
+        correction = xp.vecdot(qt, kt)[..., None] * v
+    else:
+        correction = xp.matmul(xp.matmul(qt, xp.matrix_transpose(kt)), v)  # (R,R) @ (R,P)
+    y = y - sig[..., None, None] * correction + f32("D")[:, None, None] * v
     zr = z[..., None, :] * f32("mimo_z") if config.mimo else z[..., None, :]
     if config.outproj_norm:
         y = _rms(y, xp.reshape(cast(params["norm.weight"], sdtype, xp), (h, 1, p)), xp=xp)
