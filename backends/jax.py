@@ -20,7 +20,6 @@ Both work under `jax.jit`, `jax.grad`, `jax.vmap`, and in float64 with `jax_enab
 from __future__ import annotations
 
 import functools
-import math
 import threading
 from typing import Any
 
@@ -124,31 +123,32 @@ def chunk_length(algorithm: str, chunk_size: int | str = "auto", version: str = 
 
 
 def chunked_scan(algorithm: str, chunk_size: int | str = "auto"):
-    """A `scan(u, dt, A, Bm, Cm, h0) -> (y, h)` running `algorithm` chunk by chunk."""
+    """A `scan(u, dt, A, Bm, Cm, h0) -> (y, h)` running `algorithm` chunk by chunk: the
+    whole chunks under one `lax.scan` (each `jax.checkpoint`-ed), a ragged tail as one more
+    chunk of its own length (never padded: L = 72 at chunk 64 runs 72 steps, not 128)."""
     body_fn = _CHUNK_BODIES[algorithm]
 
     def scan(u, dt, A, Bm, Cm, h0, keep=None):
         batch, length, channels = u.shape
         size = min(chunk_length(algorithm, chunk_size), length)
-        chunks = math.ceil(length / size)
-        pad = chunks * size - length
-
-        def time_major(a, value=0.0):  # (B,L,...) -> (chunks, T, B, ...); padded steps have
-            a = jnp.swapaxes(a, 0, 1)  # dt = 0 (keep = 1): decay 1 and input 0, h unchanged
-            if pad:
-                a = jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1), constant_values=value)
-            return a.reshape((chunks, size, *a.shape[1:]))
+        chunks, tail = divmod(length, size)
+        whole = chunks * size
 
         @jax.checkpoint
         def body(h, xs):
             y, h = body_fn(h, *xs[:4], A, *xs[4:])
             return h, y
 
-        xs = tuple(map(time_major, (dt, u, Bm, Cm)))
+        # time-major: (B, L, ...) -> (L, B, ...)
+        xs = tuple(jnp.swapaxes(a, 0, 1) for a in (dt, u, Bm, Cm))
         if keep is not None:
-            xs = (*xs, time_major(keep, 1.0))
-        h, ys = lax.scan(body, h0, xs)
-        y = ys.reshape((chunks * size, batch, channels))[:length]
+            xs = (*xs, jnp.swapaxes(keep, 0, 1))
+        split = tuple(a[:whole].reshape((chunks, size, *a.shape[1:])) for a in xs)
+        h, ys = lax.scan(body, h0, split)
+        y = ys.reshape((whole, batch, channels))
+        if tail:
+            h, y_tail = body(h, tuple(a[whole:] for a in xs))
+            y = jnp.concatenate([y, y_tail], axis=0)
         return jnp.swapaxes(y, 0, 1), h
 
     return scan
@@ -204,34 +204,32 @@ del ssd_chunk_associative  # the core's version is the reference; JAX uses lax's
 
 def ssd_chunked_scan(algorithm: str, chunk_size: int | str = "auto", version: str = "mamba2"):
     """A Mamba-2 `scan(x, dt, A, Bm, Cm, S0) -> (y, S)` (Mamba-3: `scan(v, a, A, k, q, S0)`)
-    running `algorithm` chunk by chunk: `lax.scan` over chunks, each `jax.checkpoint`-ed (one
-    state per chunk kept for the backward pass).  A ragged tail is padded with zero steps
-    (dt or a = 0: decay 1, input 0)."""
+    running `algorithm` chunk by chunk: `lax.scan` over the whole chunks, each
+    `jax.checkpoint`-ed (one state per chunk kept for the backward pass), and a ragged tail
+    as one more chunk of its own length (never padded)."""
     body_fn = (_SSD_BODIES if version == "mamba2" else _SSD3_BODIES)[algorithm]
 
     def scan(x, dt, A, Bm, Cm, S0, keep=None):
         batch, length = dt.shape[:2]
         size = min(chunk_length(algorithm, chunk_size, version), length)
-        chunks = math.ceil(length / size)
-        pad = chunks * size - length
+        chunks, tail = divmod(length, size)
+        whole = chunks * size
 
-        def split(a, value=0.0):  # (B,L,...) -> (chunks, B, T, ...)
-            if pad:
-                widths = ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2)
-                a = jnp.pad(a, widths, constant_values=value)
-            return jnp.moveaxis(a.reshape((batch, chunks, size, *a.shape[2:])), 1, 0)
+        def split(a):  # (B, whole, ...) -> (chunks, B, T, ...)
+            return jnp.moveaxis(a[:, :whole].reshape((batch, chunks, size, *a.shape[2:])), 1, 0)
 
         @jax.checkpoint
         def body(S, xs):
             y, S = body_fn(S, *xs[:4], A, *xs[4:])
             return S, y
 
-        xs = tuple(map(split, (dt, x, Bm, Cm)))
-        if keep is not None:
-            xs = (*xs, split(keep, 1.0))
-        S, ys = lax.scan(body, S0, xs)
-        y = jnp.moveaxis(ys, 0, 1).reshape((batch, chunks * size, *ys.shape[3:]))
-        return y[:, :length], S
+        xs = (dt, x, Bm, Cm) + (() if keep is None else (keep,))
+        S, ys = lax.scan(body, S0, tuple(map(split, xs)))
+        y = jnp.moveaxis(ys, 0, 1).reshape((batch, whole, *ys.shape[3:]))
+        if tail:
+            S, y_tail = body(S, tuple(a[:, whole:] for a in xs))
+            y = jnp.concatenate([y, y_tail], axis=1)
+        return y, S
 
     return scan
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mamba_core import MambaConfig
 from tests.conftest import require, small_config
 from tests.reference import reference_forward
 from tests.tolerances import assert_close, rel_error
@@ -213,3 +214,34 @@ def test_core_functions_under_jit(scan, rng):
     assert_close(out, reference_forward(init_params(cfg, 1), np.asarray(x), cfg)[0], "float64")
     y_t, _ = jax.jit(lambda p, s, v: mixer_step(p, s, v, cfg))(params, state, x[:, 0])
     assert y_t.shape == (2, cfg.hidden_size)
+
+
+def _scan_lengths(jaxpr) -> list[int]:
+    """The `length` of every lax.scan in a jaxpr, nested ones included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            found.append(eqn.params["length"])
+        for value in eqn.params.values():
+            inner = value if hasattr(value, "eqns") else getattr(value, "jaxpr", None)
+            if inner is not None and not hasattr(inner, "eqns"):
+                inner = getattr(inner, "jaxpr", None)
+            if inner is not None:
+                found += _scan_lengths(inner)
+    return found
+
+
+@pytest.mark.parametrize("version", ["mamba1", "mamba2"])
+def test_a_ragged_last_chunk_costs_its_own_length(version):
+    """L = 72 at chunk 64: one whole chunk of 64 steps and a tail of 8, never a padded 128."""
+    import jax
+    import jax.numpy as jnp
+
+    from mamba_core.backends import jax as mj
+
+    fields = {"mamba1": dict(dt_rank=2), "mamba2": dict(version="mamba2", head_dim=8)}[version]
+    cfg = MambaConfig(hidden_size=8, d_state=4, scan_type="linear", chunk_size=64, **fields)
+    params = {k: jnp.asarray(v) for k, v in init_params(cfg, 0).items()}
+    x = jnp.zeros((1, 72, 8))
+    lengths = _scan_lengths(jax.make_jaxpr(lambda v: mj.forward(params, v, cfg)[0])(x).jaxpr)
+    assert sorted(lengths) == [1, 8, 64], lengths
