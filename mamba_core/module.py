@@ -337,9 +337,12 @@ class MambaModule(BackendIO, IModule):
             st = None if state is None else self._state(state, batch)
             if packed is not None:
                 packed = self.backend.asarray_int(packed, self._device)
-            output, new_state = self.backend.forward(
-                self.params, x, self.config, st, scan_used, attention_mask=mask, seq_idx=packed
-            )
+            if packed is None and mask is None and not training and self._pieces(length) > 1:
+                output, new_state = self._long(x, st, scan_used)
+            else:
+                output, new_state = self.backend.forward(
+                    self.params, x, self.config, st, scan_used, attention_mask=mask, seq_idx=packed
+                )
         metrics = self._metrics(batch, length, scan_used)
         self._calls += 1
         return {
@@ -357,6 +360,26 @@ class MambaModule(BackendIO, IModule):
             "success": True,
             "state": new_state,
         }
+
+    #: inference over more tokens than this runs the whole mixer piece by piece along L,
+    #: carrying the state (None: never): peak memory is then the input, the output and one
+    #: piece's activations, not (B, L, E)-sized activations (set per instance to change)
+    long_chunk: int | None = 4096
+
+    def _pieces(self, length: int) -> int:
+        return 1 if not self.long_chunk else -(-length // self.long_chunk)
+
+    def _long(self, x, state, scan_used: str):
+        """The mixer over a long sequence in pieces of `long_chunk` tokens, each continuing
+        the previous piece's state (exactly the one-call result: states compose)."""
+        xp, step = self.backend.xp, self.long_chunk
+        pieces = []
+        for start in range(0, x.shape[1], step):
+            out, state = self.backend.forward(
+                self.params, x[:, start : start + step, ...], self.config, state, scan_used
+            )
+            pieces.append(out)
+        return xp.concat(pieces, axis=1), state
 
     def _state_bytes(self, batch: int) -> int:
         from .mixer import state_shapes

@@ -321,3 +321,29 @@ def test_long_sequence_with_large_dt(backend, scan, long_case):
     assert_close(result["state"].ssm_state, h_ref, "float32")
     dt_max = np.logaddexp(0, params["dt_proj.bias"]).max()
     assert dt_max * 25 > 99  # the stress is real
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"version": "mamba2", "head_dim": 8},
+        {"version": "mamba3", "head_dim": 8, "mimo": True, "mimo_rank": 2},
+    ],
+    ids=["mamba1", "mamba2", "mamba3"],
+)
+def test_long_inference_runs_in_pieces_and_equals_one_call(backend, fields, rng):
+    """Beyond `long_chunk` tokens an inference call runs the mixer piece by piece along L,
+    carrying the state: the same output and state as one call (L = 23 in pieces of 5)."""
+    module = MambaModule(
+        {"hidden_size": 16, "d_state": 8, **fields}, backend=backend, dtype="float64", seed=0
+    )
+    x = rng.standard_normal((2, 23, 16))
+    module.long_chunk = None
+    whole = module(x)
+    module.long_chunk = 5
+    assert module._pieces(23) == 5
+    pieces = module(x)
+    assert_close(pieces["output"], whole["output"], "float64")
+    for got, want in zip(pieces["state"], whole["state"], strict=True):
+        assert np.abs(to_np(got) - to_np(want)).max() < 1e-12
