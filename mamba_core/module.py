@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from array_api_compat import device as device_of
 
 from .checks import check_input_shape, float_error, float_numpy, packed_index
 from .config import MambaConfig, resolve_config
@@ -373,13 +374,20 @@ class MambaModule(BackendIO, IModule):
         """The mixer over a long sequence in pieces of `long_chunk` tokens, each continuing
         the previous piece's state (exactly the one-call result: states compose)."""
         xp, step = self.backend.xp, self.long_chunk
-        pieces = []
+        mutable = self.backend.name != "jax"  # NumPy / PyTorch: write into one output
+        pieces, output = [], None
         for start in range(0, x.shape[1], step):
             out, state = self.backend.forward(
                 self.params, x[:, start : start + step, ...], self.config, state, scan_used
             )
-            pieces.append(out)
-        return xp.concat(pieces, axis=1), state
+            if not mutable:
+                pieces.append(out)
+                continue
+            if output is None:
+                shape = (x.shape[0], x.shape[1], out.shape[2])
+                output = xp.empty(shape, dtype=out.dtype, device=device_of(out))
+            output[:, start : start + out.shape[1], ...] = out
+        return (output if mutable else xp.concat(pieces, axis=1)), state
 
     def _state_bytes(self, batch: int) -> int:
         from .mixer import state_shapes
