@@ -198,6 +198,41 @@ def task_decode(task: dict) -> dict:
     return {"ms_per_token": 1e3 * elapsed / steps}
 
 
+def _jax_train_fn(cfg, x: np.ndarray, info: dict):
+    """A jitted forward + backward of sum(y**2) (compile time into `info`)."""
+    import jax
+    import jax.numpy as jnp
+
+    from mamba_core import init_params
+    from mamba_core.backends import jax as mj
+
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in init_params(cfg, 0).items()}
+    xj = jnp.asarray(x)
+    grad = jax.jit(jax.grad(lambda p, v: jnp.sum(mj.forward(p, v, cfg)[0] ** 2), argnums=(0, 1)))
+    start = time.perf_counter()
+    compiled = grad.lower(params, xj).compile()
+    info["compile_time_s"] = round(time.perf_counter() - start, 3)
+
+    def fn():
+        jax.block_until_ready(compiled(params, xj))
+
+    return fn
+
+
+def _torch_train_fn(model, x: np.ndarray):
+    """Forward + backward of sum(y**2) w.r.t. the module's parameters and the input."""
+    import torch
+
+    xt = torch.from_numpy(x).requires_grad_(True)
+
+    def fn():
+        model.zero_grad(set_to_none=True)
+        xt.grad = None
+        (model(xt) ** 2).sum().backward()
+
+    return fn
+
+
 def task_train(task: dict) -> dict:
     """Forward + backward of sum(y**2) w.r.t. every parameter and the input."""
     impl, batch, length = task["impl"], task["batch"], task["length"]
@@ -206,44 +241,16 @@ def task_train(task: dict) -> dict:
     )
     info: dict[str, Any] = {}
     if impl == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        from mamba_core import init_params
-        from mamba_core.backends import jax as mj
-
-        cfg = _config(task.get("scan", "linear"))
-        params = {k: jnp.asarray(v, jnp.float32) for k, v in init_params(cfg, 0).items()}
-        xj = jnp.asarray(x)
-        grad = jax.jit(
-            jax.grad(lambda p, v: jnp.sum(mj.forward(p, v, cfg)[0] ** 2), argnums=(0, 1))
-        )
-        start = time.perf_counter()
-        compiled = grad.lower(params, xj).compile()
-        info["compile_time_s"] = round(time.perf_counter() - start, 3)
-
-        def fn():
-            jax.block_until_ready(compiled(params, xj))
-
-        fn()
+        fn = _jax_train_fn(_config(task.get("scan", "linear")), x, info)
+    elif impl == "hf":
+        model, _ = _hf_mixer()
+        model.train()  # still its pure-PyTorch path (no CUDA kernels here)
+        fn = _torch_train_fn(model, x)
     else:
-        import torch
+        from mamba_core.backends.torch import MambaTorch
 
-        if impl == "hf":
-            model, _ = _hf_mixer()
-            model.train()  # still its pure-PyTorch path (no CUDA kernels here)
-        else:
-            from mamba_core.backends.torch import MambaTorch
-
-            model = MambaTorch(_config(task.get("scan", "linear")), seed=0)
-        xt = torch.from_numpy(x).requires_grad_(True)
-
-        def fn():
-            model.zero_grad(set_to_none=True)
-            xt.grad = None
-            (model(xt) ** 2).sum().backward()
-
-        fn()
+        fn = _torch_train_fn(MambaTorch(_config(task.get("scan", "linear")), seed=0), x)
+    fn()
     return {**measured(fn, task.get("repeats", 2)), **info}
 
 
@@ -564,7 +571,7 @@ def task_layer(task: dict) -> dict:
     """One layer of `LAYERS[task["layer"]]`, float32: mode "forward" (no grad), "train"
     (forward + backward of sum(y**2), jax | torch) or "decode" (ms per cached step after
     `context` tokens)."""
-    from mamba_core import MambaConfig, MambaModule, init_params
+    from mamba_core import MambaConfig, MambaModule
 
     impl, mode = task["impl"], task["mode"]
     cfg = MambaConfig(**LAYERS[task["layer"]])
@@ -601,34 +608,11 @@ def task_layer(task: dict) -> dict:
 
         info["scan_used"] = module.get_metrics().get("scan_used")
     elif impl == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        from mamba_core.backends import jax as mj
-
-        params = {k: jnp.asarray(v, jnp.float32) for k, v in init_params(cfg, 0).items()}
-        xj = jnp.asarray(x)
-        grad = jax.jit(
-            jax.grad(lambda p, v: jnp.sum(mj.forward(p, v, cfg)[0] ** 2), argnums=(0, 1))
-        )
-        start = time.perf_counter()
-        compiled = grad.lower(params, xj).compile()
-        info["compile_time_s"] = round(time.perf_counter() - start, 3)
-
-        def fn():
-            jax.block_until_ready(compiled(params, xj))
+        fn = _jax_train_fn(cfg, x, info)
     else:
-        import torch
-
         from mamba_core.backends.torch import MambaTorch
 
-        model = MambaTorch(cfg, seed=0)
-        xt = torch.from_numpy(x).requires_grad_(True)
-
-        def fn():
-            model.zero_grad(set_to_none=True)
-            xt.grad = None
-            (model(xt) ** 2).sum().backward()
+        fn = _torch_train_fn(MambaTorch(cfg, seed=0), x)
 
     fn()
     result = measured(fn, task.get("repeats", 2))
