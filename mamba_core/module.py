@@ -116,6 +116,32 @@ class BackendIO:
         return validate_state(state, self.config, batch, owner=self.owner, convert=convert)
 
     def _varlen(self, x, seq_of: np.ndarray, state: Any, scan_used: str):
+        """`cu_seqlens` with one state per sequence in and out.  NumPy and PyTorch run each
+        sequence as its own call on its stretch of the row (the work of one packed row, no
+        padding); JAX, where every new length would compile, runs the padded batch."""
+        if self.backend.name == "jax":
+            return self._varlen_padded(x, seq_of, state, scan_used)
+        xp = self.backend.xp
+        lengths = np.bincount(seq_of)
+        count = len(lengths)
+        st = None if state is None else self._state(state, count)
+        output, states, start = None, [], 0
+        for i, length in enumerate(lengths.tolist()):
+            own = None if st is None else type(st)(*(f[i : i + 1, ...] for f in st))
+            out, new = self.backend.forward(
+                self.params, x[:, start : start + length, ...], self.config, own, scan_used
+            )
+            if output is None:
+                output = xp.empty(
+                    (1, x.shape[1], out.shape[2]), dtype=out.dtype, device=device_of(out)
+                )
+            output[:, start : start + length, ...] = out
+            states.append(new)
+            start += length
+        stacked = type(states[0])(*(xp.concat(list(f), axis=0) for f in zip(*states, strict=True)))
+        return output, stacked
+
+    def _varlen_padded(self, x, seq_of: np.ndarray, state: Any, scan_used: str):
         """The S sequences of one packed row as a right-padded (S, Lmax) batch with an
         attention mask: one batched call, each sequence from its own initial state (leading
         axis S of `state`), and the state after each sequence's last token.  The padded tail
