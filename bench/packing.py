@@ -2,11 +2,11 @@
 
 Sequence lengths drawn log-uniform in [16, 2048] (seed 0) fill one row of 8192 tokens.  The
 same sequences run as that packed row (`seq_idx`), as `cu_seqlens` (which also returns one
-state per sequence: `MambaModule` runs it as a masked padded batch) and as a batch padded to
-the longest (`attention_mask`), forward, float32, no grad, the seed-width layers
-(hidden 768) of Mamba-1 and Mamba-2 on every backend; every measurement in a fresh process
-(`bench.worker`).  Reports real tokens per second (padding does not count).  Writes
-`bench/results/packing.json` and `packing.md`.
+state per sequence: `MambaModule` runs each sequence as its own call on NumPy and PyTorch, a
+masked padded batch on JAX) and as a batch padded to the longest (`attention_mask`);
+forward, float32, no grad, the seed-width layers (hidden 768) of Mamba-1 and Mamba-2 on
+every backend; every measurement in a fresh process (`bench.worker`).  Reports real tokens
+per second (padding does not count).  Writes `bench/results/packing.json` and `packing.md`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def main(argv=None) -> int:
         f"{len(lengths)} sequences, log-uniform lengths in [16, 2048] (seed 0), "
         f"{sum(lengths)} tokens, longest {max(lengths)}: packed = one row of {sum(lengths)} "
         f"tokens with `seq_idx`; cu_seqlens = the same row with `cu_seqlens` (one state per "
-        f"sequence in and out: run as a masked padded batch); padded = {len(lengths)} rows "
+        f"sequence in and out: one call per sequence on NumPy and PyTorch, the masked padded "
+        f"batch on JAX); padded = {len(lengths)} rows "
         f"of {max(lengths)} "
         f"({len(lengths) * max(lengths)} positions).  Hidden 768, float32, forward.",
         "",
