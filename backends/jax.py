@@ -202,12 +202,14 @@ _SSD_BODIES = {
 del ssd_chunk_associative  # the core's version is the reference; JAX uses lax's scan
 
 
-def ssd_chunked_scan(algorithm: str, chunk_size: int | str = "auto", version: str = "mamba2"):
+def ssd_chunked_scan(
+    algorithm: str, chunk_size: int | str = "auto", version: str = "mamba2", bodies=None
+):
     """A Mamba-2 `scan(x, dt, A, Bm, Cm, S0) -> (y, S)` (Mamba-3: `scan(v, a, A, k, q, S0)`)
     running `algorithm` chunk by chunk: `lax.scan` over the whole chunks, each
     `jax.checkpoint`-ed (one state per chunk kept for the backward pass), and a ragged tail
     as one more chunk of its own length (never padded)."""
-    body_fn = (_SSD_BODIES if version == "mamba2" else _SSD3_BODIES)[algorithm]
+    body_fn = (_SSD_BODIES if bodies is None else bodies)[algorithm]
 
     def scan(x, dt, A, Bm, Cm, S0, keep=None):
         batch, length = dt.shape[:2]
@@ -260,7 +262,7 @@ _SSD3_BODIES = {"linear": _ssd3_linear, "associative": _core3("associative"),
 _SCAN_BUILDERS = {
     "mamba1": chunked_scan,
     "mamba2": ssd_chunked_scan,
-    "mamba3": functools.partial(ssd_chunked_scan, version="mamba3"),
+    "mamba3": functools.partial(ssd_chunked_scan, version="mamba3", bodies=_SSD3_BODIES),
 }
 
 # ---------------------------------------------------------------- jitted entry points

@@ -242,13 +242,17 @@ def make_scan(algorithm: str, chunk_size="auto", *, compile_scan: bool = False):
 
 
 def make_ssd_scan(
-    algorithm: str, chunk_size="auto", *, compile_scan: bool = False, version: str = "mamba2"
+    algorithm: str,
+    chunk_size="auto",
+    *,
+    compile_scan: bool = False,
+    version: str = "mamba2",
+    table=SSD_ALGORITHMS,
 ):
     """A Mamba-2 `scan(x, dt, A, Bm, Cm, S0) -> (y, S)` (Mamba-3: `scan(v, a, A, k, q, S0)`)
     for `algorithm` on torch tensors: the core's chunk functions, each chunk under
     `torch.utils.checkpoint` when autograd is on (one state per chunk kept for the backward
     pass).  `compile_scan` is Mamba-1 only."""
-    table = SSD_ALGORITHMS if version == "mamba2" else SSD3_ALGORITHMS
     if algorithm not in table:
         raise ValueError(f"scan {algorithm!r} is invalid: expected one of {sorted(table)}")
     chunk_fn = functools.partial(table[algorithm], xp=xp_torch)
@@ -266,7 +270,7 @@ def make_ssd_scan(
 _SCAN_MAKERS = {
     "mamba1": make_scan,
     "mamba2": make_ssd_scan,
-    "mamba3": functools.partial(make_ssd_scan, version="mamba3"),
+    "mamba3": functools.partial(make_ssd_scan, version="mamba3", table=SSD3_ALGORITHMS),
 }
 _SCANS: dict[tuple[str, str, Any, bool], Any] = {}
 

@@ -115,6 +115,14 @@ class BackendIO:
 
         return validate_state(state, self.config, batch, owner=self.owner, convert=convert)
 
+    def _write(self, output, piece, start: int, shape: tuple[int, int, int]):
+        """Write `piece` (B, T, D) at [start, start + T) of `output` along L, allocating an
+        uninitialised `shape` output first (NumPy / PyTorch arrays: no concatenation copy)."""
+        if output is None:
+            output = self.backend.xp.empty(shape, dtype=piece.dtype, device=device_of(piece))
+        output[:, start : start + piece.shape[1], ...] = piece
+        return output
+
     def _varlen(self, x, seq_of: np.ndarray, state: Any, scan_used: str):
         """`cu_seqlens` with one state per sequence in and out.  NumPy and PyTorch run each
         sequence as its own call on its stretch of the row (the work of one packed row, no
@@ -131,11 +139,7 @@ class BackendIO:
             out, new = self.backend.forward(
                 self.params, x[:, start : start + length, ...], self.config, own, scan_used
             )
-            if output is None:
-                output = xp.empty(
-                    (1, x.shape[1], out.shape[2]), dtype=out.dtype, device=device_of(out)
-                )
-            output[:, start : start + length, ...] = out
+            output = self._write(output, out, start, (1, x.shape[1], out.shape[2]))
             states.append(new)
             start += length
         stacked = type(states[0])(*(xp.concat(list(f), axis=0) for f in zip(*states, strict=True)))
@@ -409,10 +413,7 @@ class MambaModule(BackendIO, IModule):
             if not mutable:
                 pieces.append(out)
                 continue
-            if output is None:
-                shape = (x.shape[0], x.shape[1], out.shape[2])
-                output = xp.empty(shape, dtype=out.dtype, device=device_of(out))
-            output[:, start : start + out.shape[1], ...] = out
+            output = self._write(output, out, start, (x.shape[0], x.shape[1], out.shape[2]))
         return (output if mutable else xp.concat(pieces, axis=1)), state
 
     def _state_bytes(self, batch: int) -> int:

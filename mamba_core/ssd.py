@@ -165,11 +165,19 @@ def ssd_scan(
     Returns y (B, L, H, P) and the final state S_L (B, H, P, N).
     """
     xp = xp if xp is not None else array_namespace(x, dt, A, Bm, Cm, S0)
+    return scan_chunks(
+        SSD_ALGORITHMS, SSD_DEFAULT_CHUNK, algorithm, chunk_size, S0, dt, x, Bm, Cm, A, xp, keep
+    )
+
+
+def scan_chunks(table, defaults, algorithm, chunk_size, S0, dt, x, Bm, Cm, A, xp, keep):
+    """Run `table[algorithm]` chunk by chunk (`run_chunks`), the chunk length from
+    `chunk_size` or `defaults` ("auto"/None): the walk shared by the Mamba-2 and -3 scans."""
     try:
-        chunk_fn = SSD_ALGORITHMS[algorithm]
+        chunk_fn = table[algorithm]
     except KeyError:
         raise ValueError(
-            f"algorithm={algorithm!r} is invalid: expected one of {sorted(SSD_ALGORITHMS)}"
+            f"algorithm={algorithm!r} is invalid: expected one of {sorted(table)}"
         ) from None
-    step = SSD_DEFAULT_CHUNK[algorithm] if chunk_size in (None, "auto") else int(chunk_size)
+    step = defaults[algorithm] if chunk_size in (None, "auto") else int(chunk_size)
     return run_chunks(chunk_fn, S0, dt, x, Bm, Cm, A, step, xp=xp, keep=keep)

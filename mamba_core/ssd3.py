@@ -32,7 +32,8 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as _dev
 
-from .scan import prefix_scan, run_chunks, same_segment
+from .scan import prefix_scan, same_segment
+from .ssd import scan_chunks
 
 __all__ = ["SSD3_ALGORITHMS", "SSD3_DEFAULT_CHUNK", "ssd3_chunk_linear", "ssd3_scan"]
 
@@ -143,11 +144,6 @@ def ssd3_scan(
     argument order as the Mamba-2 scan's `(x, dt, A, Bm, Cm, S0)`.  Returns y (B, L, H, R,
     P) and the final state (B, H, P, N)."""
     xp = xp if xp is not None else array_namespace(v, a, k, q, S0)
-    try:
-        chunk_fn = SSD3_ALGORITHMS[algorithm]
-    except KeyError:
-        raise ValueError(
-            f"algorithm={algorithm!r} is invalid: expected one of {sorted(SSD3_ALGORITHMS)}"
-        ) from None
-    step = SSD3_DEFAULT_CHUNK[algorithm] if chunk_size in (None, "auto") else int(chunk_size)
-    return run_chunks(chunk_fn, S0, a, v, k, q, A, step, xp=xp, keep=keep)
+    return scan_chunks(
+        SSD3_ALGORITHMS, SSD3_DEFAULT_CHUNK, algorithm, chunk_size, S0, a, v, k, q, A, xp, keep
+    )
