@@ -3,16 +3,18 @@
 Glossary: B batch, L length, E d_inner, N d_state.
 
 The core's generic scans run as they are (`associative`, `cumulative`).  `linear` (and
-`auto`) use `scan_linear` below: the same recurrence, step by step, with every elementwise
-operation writing into preallocated (E_block, N) buffers that stay in the CPU cache, and the
-independent (batch, channel-block) slices spread over a thread pool (NumPy releases the GIL
-inside its loops).  Its working memory is O(B*E*N) whatever L is.
+`auto`) of Mamba-1 run the compiled kernel of `backends.kernels` when numba is installed
+(the `fast` extra) and the dtype is float32 or float64, else `scan_linear` below: the same
+recurrence, step by step, with every elementwise operation writing into preallocated
+(E_block, N) buffers that stay in the CPU cache.  Both spread the independent (batch,
+channel-block) slices over a thread pool (NumPy and the kernels release the GIL inside their
+loops); their working memory is O(B*E*N) whatever L is.  With the kernels, a Mamba-1 call
+without mask or packing (forward and decode step) runs `fused_forward`: BLAS for the four
+projections, one kernel for the conv and one for the scan with its softplus, skip and gate.
 """
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import array_api_compat.numpy as xp_numpy
@@ -20,61 +22,22 @@ import numpy as np
 
 from mamba_core.config import MambaConfig
 from mamba_core.mixer import core_scan, mixer_forward, mixer_step
+from mamba_core.mixers.mamba1 import MambaState
+from mamba_core.ops import linear
 from mamba_core.params import to_numpy
 from mamba_core.registry import Backend
 
-__all__ = ["NumpyBackend", "get_backend", "num_threads", "scan_linear"]
+from . import kernels
+from .threads import num_threads, run_blocks
 
-# Below this much work (B*L*E*N state updates), threads cost more than they save (waking
-# them and handing the GIL around costs tens of microseconds; a batch-1 decode step is
-# about that much work in all).
-_MIN_PARALLEL_WORK = 1 << 19
-# Never split a batch row into channel blocks narrower than this.
-_MIN_BLOCK_CHANNELS = 64
-
-
-def num_threads() -> int:
-    """Threads for the scan: $MAMBA_CORE_NUM_THREADS, else the CPUs this process may use."""
-    env = os.environ.get("MAMBA_CORE_NUM_THREADS")
-    if env:
-        try:
-            value = int(env)
-        except ValueError:
-            raise ValueError(
-                f"MAMBA_CORE_NUM_THREADS={env!r} is invalid: expected a positive int"
-            ) from None
-        if value < 1:
-            raise ValueError(f"MAMBA_CORE_NUM_THREADS={env!r} is invalid: expected >= 1")
-        return value
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None or _POOL._max_workers != workers:
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mamba-scan")
-    return _POOL
-
-
-def _blocks(batch: int, channels: int, threads: int) -> list[tuple[int, int, int, int]]:
-    """(b0, b1, e0, e1) slices covering (batch, channels): `threads` of them when possible,
-    whole batch rows first, channel blocks when there are fewer rows than threads."""
-    if threads <= 1:
-        return [(0, batch, 0, channels)]
-    if batch >= threads:
-        edges = np.linspace(0, batch, threads + 1).astype(int)
-        return [(int(edges[i]), int(edges[i + 1]), 0, channels) for i in range(threads)]
-    per_row = max(1, min(-(-threads // batch), channels // _MIN_BLOCK_CHANNELS))
-    edges = np.linspace(0, channels, per_row + 1).astype(int)
-    return [
-        (b, b + 1, int(edges[i]), int(edges[i + 1])) for b in range(batch) for i in range(per_row)
-    ]
+__all__ = [
+    "NumpyBackend",
+    "fused_forward",
+    "get_backend",
+    "num_threads",
+    "scan_linear",
+    "scan_native",
+]
 
 
 def scan_linear(u, dt, A, Bm, Cm, h0, *, threads: int | None = None, keep=None):
@@ -111,20 +74,58 @@ def scan_linear(u, dt, A, Bm, Cm, h0, *, threads: int | None = None, keep=None):
             np.add(hb, buf, out=hb)
             np.matmul(hb, cb[:, t], out=yb[:, t])
 
-    workers = threads if threads is not None else num_threads()
-    if batch * length * channels * A.shape[1] < _MIN_PARALLEL_WORK:
-        workers = 1
-    blocks = _blocks(batch, channels, workers)
-    if len(blocks) == 1:
-        run(*blocks[0])
-    else:
-        for future in [_pool(workers).submit(run, *blk) for blk in blocks]:
-            future.result()
+    run_blocks(run, batch, channels, batch * length * channels * A.shape[1], threads)
     return y[..., 0], h
 
 
+def scan_native(u, dt, A, Bm, Cm, h0, *, threads: int | None = None, keep=None):
+    """The compiled kernel (`backends.kernels.scan`) where it runs, else `scan_linear`."""
+    if kernels.supports(u.dtype) and all(a.dtype == u.dtype for a in (dt, A, Bm, Cm, h0)):
+        return kernels.scan(u, dt, A, Bm, Cm, h0, keep=keep, threads=threads)
+    return scan_linear(u, dt, A, Bm, Cm, h0, threads=threads, keep=keep)
+
+
 #: (mixer version, scan_type) -> native NumPy scan; the rest run the core's generic scans
-NATIVE_SCANS = {("mamba1", "linear"): scan_linear}
+NATIVE_SCANS = {("mamba1", "linear"): scan_native}
+
+
+def fuses(x, config: MambaConfig, state, attention_mask=None, seq_idx=None) -> bool:
+    """Whether `fused_forward` runs this call: Mamba-1, SiLU, float32/float64 throughout, no
+    mask or packing (those take the core's mixer, still on the compiled scan)."""
+    if config.version != "mamba1" or config.activation not in ("swish", "silu"):
+        return False
+    if attention_mask is not None or seq_idx is not None or not kernels.supports(x.dtype):
+        return False
+    return state is None or (state.conv_state.dtype == x.dtype and state.ssm_state.dtype == x.dtype)
+
+
+def fused_forward(params, x, config: MambaConfig, state=None):
+    """The Mamba-1 mixer with its elementwise work compiled: the four projections on BLAS,
+    then one kernel for the causal conv + SiLU and one for the selective scan with its
+    softplus, skip and gate (`backends.kernels`).  The same arithmetic as the core's
+    `mixer_forward` (which the tests hold it to), without its (B, L, E) temporaries.
+    x (B, L, H) -> out (B, L, H), MambaState; `state` is not modified."""
+    e, n, r = config.d_inner, config.d_state, config.dt_rank
+    dtype = x.dtype
+    batch = x.shape[0]
+
+    def p(name):
+        return np.asarray(params[name], dtype=dtype)
+
+    def opt(name, on: bool):
+        return p(name) if on else None
+
+    xz = linear(x, p("in_proj.weight"), opt("in_proj.bias", config.use_bias), xp=xp_numpy)
+    conv_state = np.zeros((batch, e, config.d_conv), dtype) if state is None else state.conv_state
+    conv_bias = p("conv1d.bias") if config.use_conv_bias else np.zeros(e, dtype)
+    u, conv_state = kernels.conv_silu(xz, p("conv1d.weight")[:, 0, :], conv_bias, conv_state)
+    x_dbl = linear(u, p("x_proj.weight"), xp=xp_numpy)
+    dt_pre = linear(x_dbl[..., :r], p("dt_proj.weight"), xp=xp_numpy)
+    a_mat = p("A") if "A" in params else -np.exp(p("A_log"))
+    h0 = np.zeros((batch, e, n), dtype) if state is None else state.ssm_state
+    y, h = kernels.fused_scan(u, dt_pre, p("dt_proj.bias"), a_mat, x_dbl, r, p("D"), xz, h0)
+    out = linear(y, p("out_proj.weight"), opt("out_proj.bias", config.use_bias), xp=xp_numpy)
+    return out, MambaState(conv_state, h)
 
 
 class NumpyBackend(Backend):
@@ -155,6 +156,8 @@ class NumpyBackend(Backend):
         self, params, x, config: MambaConfig, state: Any, scan_type: str, attention_mask=None,
         seq_idx=None,
     ):  # fmt: skip
+        if scan_type == "linear" and fuses(x, config, state, attention_mask, seq_idx):
+            return fused_forward(params, x, config, state)
         scan = self.scan_fn(scan_type, config)
         return mixer_forward(
             params, x, config, state, scan=scan, xp=self.xp, attention_mask=attention_mask,
@@ -162,8 +165,17 @@ class NumpyBackend(Backend):
         )  # fmt: skip
 
     def step(self, prepared, state: Any, x_t, config: MambaConfig):
+        if fuses(x_t, config, state):
+            out, state = fused_forward(prepared, x_t[:, None, :], config, state)
+            return out[:, 0, :], state
         scan = NATIVE_SCANS.get((config.version, "linear"))
         return mixer_step(prepared, state, x_t, config, scan=scan, xp=self.xp)
+
+    def call_info(self) -> dict[str, Any]:
+        return {
+            "kernels": kernels.reason(),
+            "kernel_compile_s": round(kernels.compile_seconds(), 3),
+        }
 
 
 _BACKEND = NumpyBackend()

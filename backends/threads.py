@@ -1,0 +1,87 @@
+"""The CPU thread pool the NumPy scans (and the compiled kernels) spread their work over.
+
+The selective scan is independent per (batch row, channel): `blocks` cuts (B, E) into one
+slice per thread, `run_blocks` runs a function on every slice (NumPy and the compiled
+kernels release the GIL inside their loops, so the slices run at the same time).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+__all__ = ["MIN_PARALLEL_WORK", "blocks", "num_threads", "run_blocks"]
+
+# Below this much work (B*L*E*N state updates), threads cost more than they save (waking
+# them and handing the GIL around costs tens of microseconds; a batch-1 decode step is
+# about that much work in all).
+MIN_PARALLEL_WORK = 1 << 19
+# Never split a batch row into channel blocks narrower than this.
+_MIN_BLOCK_CHANNELS = 64
+
+
+def num_threads() -> int:
+    """Threads for the scan: $MAMBA_CORE_NUM_THREADS, else the CPUs this process may use."""
+    env = os.environ.get("MAMBA_CORE_NUM_THREADS")
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(
+                f"MAMBA_CORE_NUM_THREADS={env!r} is invalid: expected a positive int"
+            ) from None
+        if value < 1:
+            raise ValueError(f"MAMBA_CORE_NUM_THREADS={env!r} is invalid: expected >= 1")
+        return value
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None or _POOL._max_workers != workers:
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mamba-scan")
+    return _POOL
+
+
+def blocks(batch: int, channels: int, threads: int) -> list[tuple[int, int, int, int]]:
+    """(b0, b1, e0, e1) slices covering (batch, channels): `threads` of them when possible,
+    whole batch rows first, channel blocks when there are fewer rows than threads."""
+    if threads <= 1:
+        return [(0, batch, 0, channels)]
+    if batch >= threads:
+        edges = np.linspace(0, batch, threads + 1).astype(int)
+        return [(int(edges[i]), int(edges[i + 1]), 0, channels) for i in range(threads)]
+    per_row = max(1, min(-(-threads // batch), channels // _MIN_BLOCK_CHANNELS))
+    edges = np.linspace(0, channels, per_row + 1).astype(int)
+    return [
+        (b, b + 1, int(edges[i]), int(edges[i + 1])) for b in range(batch) for i in range(per_row)
+    ]
+
+
+def run_blocks(
+    fn: Callable[[int, int, int, int], None],
+    batch: int,
+    channels: int,
+    work: int,
+    threads: int | None = None,
+) -> None:
+    """`fn(b0, b1, e0, e1)` on every block of (batch, channels), on the pool when `work`
+    (state updates) is worth the threads."""
+    workers = threads if threads is not None else num_threads()
+    if work < MIN_PARALLEL_WORK:
+        workers = 1
+    slices = blocks(batch, channels, workers)
+    if len(slices) == 1:
+        fn(*slices[0])
+        return
+    for future in [_pool(workers).submit(fn, *blk) for blk in slices]:
+        future.result()

@@ -1,0 +1,266 @@
+"""The compiled CPU kernels (`mamba_core.backends.kernels`, numba) against the pure-library
+paths they replace and the independent float64 reference; the fallback when numba is absent.
+
+The rest of the suite runs the NumPy backend's Mamba-1 calls through the kernels too (they
+are its default whenever numba is installed, as in CI), so every shape and option that suite
+covers is also a kernel-vs-reference check; this file adds the direct comparisons.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mamba_core import MambaModule, init_params, mixer_forward
+from mamba_core.backends import kernels
+from mamba_core.backends import numpy as npb
+from mamba_core.mixer import MambaState, prepare_params
+from mamba_core.ops import causal_conv1d, softplus
+from tests.conftest import small_config
+from tests.reference import reference_forward
+from tests.tolerances import assert_close
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(
+    not kernels.available(), reason=f"compiled kernels not running: {kernels.reason()}"
+)
+if os.environ.get("MAMBA_CORE_REQUIRE_BACKENDS") and not kernels.available():
+    raise RuntimeError(f"CI requires the compiled kernels, but: {kernels.reason()}")
+
+DTYPES = ["float32", "float64"]
+
+
+def scan_inputs(rng, B, L, E, N, dtype, dt_scale=1.0):
+    d = np.dtype(dtype)
+    return dict(
+        u=rng.standard_normal((B, L, E)).astype(d),
+        dt=(rng.random((B, L, E)) * dt_scale).astype(d),
+        A=-np.exp(rng.standard_normal((E, N))).astype(d),
+        Bm=rng.standard_normal((B, L, N)).astype(d),
+        Cm=rng.standard_normal((B, L, N)).astype(d),
+        h0=rng.standard_normal((B, E, N)).astype(d),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 8, 4), (2, 37, 33, 16), (3, 70, 130, 13)])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("packed", [False, True])
+def test_scan_kernel_matches_numpy_scan(rng, dtype, shape, threads, packed):
+    inp = scan_inputs(rng, *shape, dtype)
+    keep = None
+    if packed:
+        keep = (rng.random(shape[:2]) > 0.2).astype(dtype)
+    y, h = kernels.scan(**inp, keep=keep, threads=threads)
+    y_ref, h_ref = npb.scan_linear(**inp, keep=keep, threads=1)
+    assert y.dtype == np.dtype(dtype) and h.dtype == np.dtype(dtype)
+    assert_close(y, y_ref, dtype)
+    assert_close(h, h_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_exponential_is_accurate_over_its_range(dtype):
+    # L = 1, u = 0, h0 = 1, C = 1 on one state: y = exp(dt*A) for every argument in
+    # [-700, 0] (float64) / [-87, 0] (float32); the kernel's own exp against NumPy's
+    low = -700.0 if dtype == "float64" else -87.0
+    args = np.concatenate([np.linspace(low, 0.0, 20001), -np.logspace(-12, 0, 2001)])
+    d = np.dtype(dtype)
+    E = args.size
+    u = np.zeros((1, 1, E), d)
+    dt = np.ones((1, 1, E), d)
+    A = args.astype(d)[:, None]
+    h0 = np.ones((1, E, 1), d)
+    ones = np.ones((1, 1, 1), d)
+    y, _ = kernels.scan(u, dt, A, ones, ones, h0)
+    expected = np.exp(args.astype(d).astype(np.float64))
+    rel = np.abs(y[0, 0].astype(np.float64) - expected) / expected
+    # a few ulps (float32: 5e-7).  float64: 1e-15 near 0, growing with |x| because fast-math
+    # reassociation folds the two-part ln2 of the range reduction into one rounded constant
+    # (2.3e-17 off), so k = x/ln2 multiples of that error reach the result: 2.4e-14 at
+    # x = -700, where exp(x) ~ 1e-304 no longer moves any sum it enters.
+    if dtype == "float32":
+        assert rel.max() < 5e-7, rel.max()
+    else:
+        assert np.all(rel <= 1e-15 * (1.0 + np.abs(args) / 25.0)), rel.max()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scan_kernel_stays_finite_for_huge_decays(rng, dtype):
+    # dt*A far below the exponential's range (-1e4): the decay is (numerically) 0, never NaN
+    inp = scan_inputs(rng, 2, 50, 16, 8, dtype, dt_scale=1e4)
+    y, h = kernels.scan(**inp)
+    y_ref, h_ref = npb.scan_linear(**inp)
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(h))
+    assert_close(y, y_ref, dtype)
+    assert_close(h, h_ref, dtype)
+
+
+def test_scan_kernel_propagates_nan(rng):
+    inp = scan_inputs(rng, 2, 10, 8, 4, "float64")
+    inp["dt"][0, 3, 2] = np.nan
+    y, h = kernels.scan(**inp)
+    assert np.all(np.isnan(y[0, 3:, 2])) and np.all(np.isfinite(y[0, :3]))
+    assert np.all(np.isfinite(y[1])) and np.isnan(h[0, 2]).all()
+
+
+def silu(a):
+    return a / (1.0 + np.exp(-a))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L", [1, 2, 3, 5, 41])
+def test_conv_kernel_matches_core_conv(rng, dtype, L):
+    d = np.dtype(dtype)
+    B, E, K = 2, 24, 4
+    xz = (rng.standard_normal((B, L, 2 * E)) * 3).astype(d)
+    w = rng.standard_normal((E, 1, K)).astype(d)
+    bias = rng.standard_normal(E).astype(d)
+    state = rng.standard_normal((B, E, K)).astype(d)
+    u, new_state = kernels.conv_silu(xz, w[:, 0], bias, state)
+    ref, ref_state = causal_conv1d(xz[..., :E], w, bias, state)
+    assert_close(u, silu(ref), dtype)
+    np.testing.assert_array_equal(new_state, ref_state)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_scan_matches_its_parts(rng, dtype):
+    d = np.dtype(dtype)
+    B, L, E, N, r = 2, 23, 40, 12, 5
+    inp = scan_inputs(rng, B, L, E, N, dtype)
+    dt_pre = (rng.standard_normal((B, L, E)) * 8).astype(d)  # softplus both sides of 0
+    bias = rng.standard_normal(E).astype(d)
+    xbc = rng.standard_normal((B, L, r + 2 * N)).astype(d)
+    D = rng.standard_normal(E).astype(d)
+    xz = (rng.standard_normal((B, L, 2 * E)) * 6).astype(d)
+    y, h = kernels.fused_scan(inp["u"], dt_pre, bias, inp["A"], xbc, r, D, xz, inp["h0"])
+    dt = softplus(dt_pre + bias)
+    y_ref, h_ref = npb.scan_linear(
+        inp["u"], dt, inp["A"], xbc[..., r : r + N], xbc[..., r + N :], inp["h0"]
+    )
+    assert_close(y, (y_ref + D * inp["u"]) * silu(xz[..., E:]), dtype)
+    assert_close(h, h_ref, dtype)
+
+
+CONFIGS = [
+    {},
+    {"use_bias": True},
+    {"use_conv_bias": False, "d_conv": 3},
+    {"d_state": 13, "expand_factor": 3},
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("overrides", CONFIGS)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_fused_forward_matches_core_and_reference(rng, dtype, overrides, with_state):
+    cfg = small_config(**overrides)
+    d = np.dtype(dtype)
+    params = {k: v.astype(d) for k, v in init_params(cfg, 3).items()}
+    x = rng.standard_normal((2, 19, cfg.hidden_size)).astype(d)
+    state = None
+    if with_state:
+        state = MambaState(
+            rng.standard_normal((2, cfg.d_inner, cfg.d_conv)).astype(d),
+            rng.standard_normal((2, cfg.d_inner, cfg.d_state)).astype(d),
+        )
+    assert npb.fuses(x, cfg, state)
+    out, new = npb.fused_forward(params, x, cfg, state)
+    core, core_state = mixer_forward(params, x, cfg, state, scan=npb.scan_linear)
+    ref, (ref_conv, ref_h) = reference_forward(params, x, cfg, state)
+    assert out.dtype == d
+    assert_close(out, core, dtype)
+    assert_close(out, ref, dtype)
+    assert_close(new.ssm_state, ref_h, dtype)
+    assert_close(new.conv_state, ref_conv, dtype)
+    np.testing.assert_array_equal(new.conv_state, core_state.conv_state)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_step_equals_forward_and_keeps_old_state(rng, dtype):
+    cfg = small_config()
+    module = MambaModule(cfg, backend="numpy", seed=1, dtype=dtype)
+    x = rng.standard_normal((3, 9, cfg.hidden_size)).astype(dtype)
+    full = module(x)["output"]
+    state = module(x[:, :6])["state"]
+    before = [np.array(s, copy=True) for s in state]
+    outs = []
+    for t in range(6, 9):
+        y, new = module.step(x[:, t], state)
+        for old, kept in zip(state, before, strict=True):
+            np.testing.assert_array_equal(old, kept)  # the step made a new state
+        outs.append(y)
+        state, before = new, [np.array(s, copy=True) for s in new]
+    assert_close(np.stack(outs, axis=1), full[:, 6:], dtype)
+    prepared = prepare_params(module.params, cfg, xp=npb.xp_numpy)
+    state = module(x[:, :6])["state"]
+    generic, _ = npb.mixer_step(prepared, state, x[:, 6], cfg, xp=npb.xp_numpy)
+    assert_close(outs[0], generic, dtype)
+
+
+def test_module_reports_the_kernels_in_its_metrics(rng):
+    module = MambaModule(small_config(), backend="numpy", seed=0)
+    metrics = module(rng.standard_normal((1, 4, 16)).astype(np.float32))["metrics"]
+    assert metrics["kernels"].startswith("numba ")
+    assert metrics["kernel_compile_s"] >= 0.0
+
+
+def test_masked_and_packed_calls_take_the_core_mixer(rng):
+    cfg = small_config()
+    x = rng.standard_normal((2, 7, 16))
+    assert not npb.fuses(x, cfg, None, attention_mask=np.ones((2, 7)))
+    assert not npb.fuses(x, cfg, None, seq_idx=np.zeros((2, 7), int))
+    assert not npb.fuses(x.astype(np.float16), cfg, None)
+    assert not npb.fuses(x, small_config(activation="gelu"), None)
+
+
+_FALLBACK = r"""
+import json, sys
+import numpy as np
+{prelude}
+from mamba_core import MambaModule
+from mamba_core.backends import kernels
+from tests.conftest import small_config
+module = MambaModule(small_config(), backend="numpy", seed=0, dtype="float64")
+x = np.random.default_rng(0).standard_normal((2, 11, 16))
+res = module(x)
+y, _ = module.step(x[:, 0], res["state"])
+print(json.dumps({{"available": kernels.available(), "reason": kernels.reason(),
+    "metric": res["metrics"]["kernels"], "out": res["output"].tolist(), "step": y.tolist(),
+    "numba_loaded": sys.modules.get("numba") is not None}}))
+"""
+
+
+def _run(prelude: str, env_extra: dict | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MAMBA_CORE_KERNELS"}
+    env.update(env_extra or {})
+    proc = subprocess.run(
+        [sys.executable, "-c", _FALLBACK.format(prelude=prelude)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_fallback_without_numba_gives_the_same_numbers():
+    # numba made unimportable (as on an install without the `fast` extra)
+    without = _run("sys.modules['numba'] = None")
+    assert without["available"] is False and not without["numba_loaded"]
+    assert "numba not installed" in without["reason"] and without["metric"] == without["reason"]
+    switched_off = _run("", {"MAMBA_CORE_KERNELS": "numpy"})
+    assert switched_off["available"] is False and "MAMBA_CORE_KERNELS" in switched_off["reason"]
+    with_kernels = _run("")
+    assert with_kernels["available"] is True
+    for key in ("out", "step"):
+        assert_close(np.array(without[key]), np.array(with_kernels[key]), "float64")
+        np.testing.assert_array_equal(np.array(without[key]), np.array(switched_off[key]))
