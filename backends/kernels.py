@@ -301,8 +301,9 @@ else:  # pragma: no cover
 
 
 def supports(dtype: Any) -> bool:
-    """Whether the kernels run this dtype (float32, float64)."""
-    return available() and np.dtype(dtype) in _KERNELS
+    """Whether the kernels run this dtype (float32, float64; a NumPy or torch dtype)."""
+    name = str(dtype).rsplit(".", 1)[-1]  # torch.float32 -> float32
+    return available() and name in ("float32", "float64")
 
 
 def _c(a: np.ndarray, dtype) -> np.ndarray:

@@ -56,6 +56,9 @@ from mamba_core.scan import ALGORITHMS, DEFAULT_CHUNK
 from mamba_core.ssd import SSD_ALGORITHMS, SSD_DEFAULT_CHUNK
 from mamba_core.ssd3 import SSD3_ALGORITHMS, SSD3_DEFAULT_CHUNK
 
+from . import kernels
+from .numpy import fused_forward, fuses
+
 __all__ = [
     "HFMixerAdapter",
     "MambaBlockTorch",
@@ -290,6 +293,29 @@ def _resolve_scan(config: MambaConfig, scan_type: str | None, device: torch.devi
     return scan_type
 
 
+def _on_kernels(params, x: Array, config: MambaConfig, state, *masks) -> bool:
+    """Whether this call runs the compiled CPU kernels (`backends.kernels`, through the
+    NumPy backend's `fused_forward` on the tensors' own memory): Mamba-1 on the CPU, float32
+    or float64, nothing that needs a gradient, not inside torch.compile, and what the fused
+    forward takes (SiLU, no mask, no packing)."""
+    if x.device.type != "cpu" or not kernels.supports(x.dtype):
+        return False
+    if any(m is not None for m in masks) or torch.compiler.is_compiling():
+        return False
+    tensors = [*params.values(), *(() if state is None else state)]
+    if _needs_grad(x, *tensors) or any(t.device.type != "cpu" for t in tensors):
+        return False
+    return fuses(x, config, state)
+
+
+def _kernel_forward(params, x: Array, config: MambaConfig, state):
+    """`fused_forward` on NumPy views of the tensors (no copies); torch tensors back."""
+    arrays = {k: v.detach().numpy() for k, v in params.items()}
+    np_state = None if state is None else type(state)(*(t.detach().numpy() for t in state))
+    out, new = fused_forward(arrays, x.detach().numpy(), config, np_state)
+    return torch.from_numpy(out), type(state or new)(*(torch.from_numpy(a) for a in new))
+
+
 def torch_forward(
     params: Mapping[str, Array],
     x: Array,
@@ -303,6 +329,12 @@ def torch_forward(
 ):
     """The mixer on torch tensors: x (B, L, H) -> (y (B, L, H), state).  Differentiable."""
     algorithm = _resolve_scan(config, scan_type, x.device)
+    if (
+        algorithm == "linear"
+        and not compile_scan
+        and _on_kernels(params, x, config, state, attention_mask, seq_idx)
+    ):
+        return _kernel_forward(params, x, config, state)
     scan = _scan_for(config.version, algorithm, config.chunk_size, compile_scan)
     if seq_idx is not None and not isinstance(seq_idx, torch.Tensor):
         seq_idx = torch.as_tensor(np.asarray(seq_idx), device=x.device)
@@ -320,6 +352,9 @@ def torch_forward(
 
 def torch_step(params: Mapping[str, Array], state: MambaState, x_t: Array, config: MambaConfig):
     """One decode step on torch tensors: x_t (B, H) -> (y_t (B, H), state)."""
+    if _on_kernels(params, x_t, config, state):
+        out, state = _kernel_forward(params, x_t[:, None, :], config, state)
+        return out[:, 0, :], state
     return mixer_step(params, state, x_t, config, xp=xp_torch)
 
 
@@ -503,7 +538,11 @@ class TorchBackend(Backend):
         return torch_step(params, state, x_t, config)
 
     def call_info(self) -> dict[str, Any]:
-        return {"compiled_scan": _compile_default()}
+        return {
+            "compiled_scan": _compile_default(),
+            "kernels": kernels.reason(),
+            "kernel_compile_s": round(kernels.compile_seconds(), 3),
+        }
 
 
 _BACKEND = TorchBackend()

@@ -140,6 +140,8 @@ def _forward_fn(impl: str, scan: str, batch: int, length: int, compile_scan: boo
     info["first_call_s"] = round(time.perf_counter() - start, 3)
     if impl == "jax":
         info["compile_time_s"] = module.backend.call_info().get("compile_time_s")
+    else:
+        info.update(module.backend.call_info())
     return fn, info
 
 
@@ -305,6 +307,9 @@ def task_machine(task: dict) -> dict:
         "jax": loops * size / best(lambda: jexp(jv).block_until_ready(), repeats=3) / 1e9,
     }
     return {
+        **bandwidth(rng),
+        "layer_weight_bytes": layer_weight_bytes(),
+        "dispatch": dispatch_report(),
         "matmul_gflops": round(max(matmul.values()), 1),
         "exp_gps": round(max(exp_rate.values()), 2),
         "matmul_by_library": {k: round(v, 1) for k, v in matmul.items()},
@@ -316,6 +321,89 @@ def task_machine(task: dict) -> dict:
         "cpus": len(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def bandwidth(rng) -> dict[str, float]:
+    """Memory read rates (GB/s) as a decode step sees them: the best float32 GEMV (NumPy)
+    over one seed layer's weight bytes (about 15 MiB: they stay in a large last-level cache
+    between steps) and over 384 MiB (main memory: many layers' weights)."""
+    h = SEED["hidden_size"]
+    out = {}
+    for name, rows in (
+        ("layer", layer_weight_bytes() // (4 * h)),
+        ("large", (384 << 20) // (4 * h)),
+    ):
+        w = rng.standard_normal((rows, h), dtype=np.float32)
+        v = rng.standard_normal(h, dtype=np.float32)
+        w @ v
+        times = []
+        for _ in range(20):
+            start = time.perf_counter()
+            w @ v
+            times.append(time.perf_counter() - start)
+        out[f"gemv_gbps_{name}"] = round(w.nbytes / min(times) / 1e9, 1)
+    return out
+
+
+def layer_weight_bytes(dtype_bytes: int = 4) -> int:
+    """The seed layer's weights read by one decode step (every matrix once)."""
+    from mamba_core import init_params
+
+    return dtype_bytes * sum(v.size for v in init_params(_config("auto"), 0).values())
+
+
+def dispatch_report() -> dict[str, Any]:
+    """What the kernels of each library actually run on this CPU: the CPU's vector
+    extensions, NumPy's SIMD baseline and dispatched targets (as `numpy.show_runtime()`
+    reports them), the BLAS and its kernel architecture and threads (threadpoolctl),
+    PyTorch's CPU capability, and the CPU that numba/LLVM compiles the kernels for."""
+    report: dict[str, Any] = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info = fh.read()
+        model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
+                      if ln.startswith("model name")), "?")  # fmt: skip
+        flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines()
+                      if ln.startswith("flags")), [])  # fmt: skip
+        report["cpu"] = model
+        report["cpu_vector_flags"] = sorted(f for f in flags if f.startswith(("avx", "fma")))
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    try:
+        from numpy._core._multiarray_umath import (
+            __cpu_baseline__,
+            __cpu_dispatch__,
+            __cpu_features__,
+        )
+
+        report["numpy_simd_baseline"] = list(__cpu_baseline__)
+        report["numpy_simd_found"] = [f for f in __cpu_dispatch__ if __cpu_features__.get(f)]
+        report["numpy_simd_not_found"] = [
+            f for f in __cpu_dispatch__ if not __cpu_features__.get(f)
+        ]
+    except ImportError:  # pragma: no cover - other NumPy layouts
+        pass
+    from threadpoolctl import threadpool_info
+
+    report["threadpools"] = [
+        {k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+        for i in threadpool_info()
+    ]
+    try:
+        import torch
+
+        report["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        report["torch_threads"] = torch.get_num_threads()
+    except ImportError:  # pragma: no cover
+        pass
+    from mamba_core.backends import kernels
+
+    report["kernels"] = kernels.reason()
+    if kernels.available():
+        from llvmlite import binding
+
+        report["numba_target_cpu"] = binding.get_host_cpu_name()
+    return report
 
 
 # ---------------------------------------------------------------- Mamba-2

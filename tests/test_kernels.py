@@ -22,7 +22,7 @@ from mamba_core.backends import kernels
 from mamba_core.backends import numpy as npb
 from mamba_core.mixer import MambaState, prepare_params
 from mamba_core.ops import causal_conv1d, softplus
-from tests.conftest import small_config
+from tests.conftest import require, small_config
 from tests.reference import reference_forward
 from tests.tolerances import assert_close
 
@@ -226,7 +226,7 @@ import numpy as np
 {prelude}
 from mamba_core import MambaModule
 from mamba_core.backends import kernels
-from tests.conftest import small_config
+from tests.conftest import require, small_config
 module = MambaModule(small_config(), backend="numpy", seed=0, dtype="float64")
 x = np.random.default_rng(0).standard_normal((2, 11, 16))
 res = module(x)
@@ -264,3 +264,24 @@ def test_fallback_without_numba_gives_the_same_numbers():
     for key in ("out", "step"):
         assert_close(np.array(without[key]), np.array(with_kernels[key]), "float64")
         np.testing.assert_array_equal(np.array(without[key]), np.array(switched_off[key]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_cpu_inference_runs_the_kernels_and_matches_autograd_path(rng, dtype):
+    require("torch")
+    import torch
+
+    from mamba_core.backends.torch import MambaTorch, get_backend
+
+    cfg = small_config()
+    model = MambaTorch(cfg, seed=2, dtype=getattr(torch, dtype))
+    x = torch.from_numpy(rng.standard_normal((2, 13, cfg.hidden_size)).astype(dtype))
+    y_grad, s_grad = model(x, return_state=True)  # parameters need grad: autograd path
+    with torch.no_grad():
+        y, s = model(x, return_state=True)  # the kernels
+        step, _ = model.step(x[:, 12], model(x[:, :12], return_state=True)[1])
+    assert y.dtype == x.dtype and not y.requires_grad
+    assert_close(y, y_grad.detach(), dtype)
+    assert_close(s.ssm_state, s_grad.ssm_state.detach(), dtype)
+    assert_close(step, y[:, 12], dtype)
+    assert get_backend().call_info()["kernels"].startswith("numba ")
