@@ -6,7 +6,9 @@ Scans (all chunked along L: `lax.scan` over chunks carries the state, each chunk
 `jax.checkpoint`-ed so that a backward pass keeps one state per chunk and recomputes the
 inside, never O(B*L*E*N)):
 - `linear`: an inner `lax.scan` over the T steps of a chunk; XLA fuses the body (exp, the
-  update and the C readout) into one loop.  The fastest on CPU (see README "Scans").
+  update and the C readout) into one loop.  The fastest on CPU (see README "Scans").  Its
+  backward pass is written out (`_linear_vjp_scan`: the adjoint recurrence, one fused loop
+  per step) rather than derived by autodiff through `lax.scan`.
 - `associative`: `lax.associative_scan` over each chunk with the operator
   (a1, b1) * (a2, b2) = (a1*a2, a2*b1 + b2): O(log T) depth, the TPU path.
 - `cumulative`: the core's segment-sum chunk (`mamba_core.scan.chunk_cumulative`).
@@ -131,6 +133,11 @@ def chunked_scan(algorithm: str, chunk_size: int | str = "auto"):
     def scan(u, dt, A, Bm, Cm, h0, keep=None):
         batch, length, channels = u.shape
         size = min(chunk_length(algorithm, chunk_size), length)
+        if algorithm == "linear":  # the same chunks, with the hand-written backward pass
+            t = functools.partial(jnp.swapaxes, axis1=0, axis2=1)
+            k = None if keep is None else t(keep)
+            y, h = _linear_vjp_scan(size, keep is not None)(t(dt), t(u), t(Bm), t(Cm), A, h0, k)
+            return t(y), h
         chunks, tail = divmod(length, size)
         whole = chunks * size
 
@@ -151,6 +158,128 @@ def chunked_scan(algorithm: str, chunk_size: int | str = "auto"):
             y = jnp.concatenate([y, y_tail], axis=0)
         return jnp.swapaxes(y, 0, 1), h
 
+    return scan
+
+
+# ---------------------------------------------------------------- the linear scan's VJP
+# Autodiff through `lax.scan` keeps every step's residuals and runs them back through the
+# generic transpose rules; the backward pass below is the adjoint recurrence written out (the
+# official kernel's and `backends.torch._LinearScan`'s scheme), one fused loop per step:
+#     G_t = dy_t (x) C_t + exp(dt_{t+1} A) G_{t+1}                (G_t = dLoss/dh_t)
+#     s_t = G_t * h_{t-1} * exp(dt_t A)                           (dLoss/d(dt_t A))
+#     d dt_t = sum_n s_t A + u_t sum_n G_t B_t,  d u_t = dt_t sum_n G_t B_t,
+#     d B_t = sum_e G_t dt_t u_t,  d C_t = sum_e h_t dy_t,  d A = sum_t s_t dt_t,
+#     d h0 = exp(dt_0 A) G_0.
+# The forward keeps the state at every chunk start; the backward recomputes one chunk's
+# states from its start, then walks the chunk backwards.  Time-major arrays throughout.
+
+
+def _decay(d, A, k):
+    a = jnp.exp(d[..., None] * A)
+    return a if k is None else a * k[:, None, None]
+
+
+def _steps(h, dt, u, Bm, Cm, A, keep, keep_states: bool):
+    """The chunk's recurrence: (h_end, y (T,B,E)[, states (T,B,E,N)])."""
+
+    def one(h, xs):
+        d, v, b, c, *k = xs
+        h = _decay(d, A, k[0] if k else None) * h + v[..., None] * b[:, None, :]
+        y = jnp.einsum("ben,bn->be", h, c)
+        return h, ((y, h) if keep_states else y)
+
+    xs = (dt, dt * u, Bm, Cm) + (() if keep is None else (keep,))
+    h, out = lax.scan(one, h, xs)
+    return (h, *out) if keep_states else (h, out)
+
+
+def _chunk_adjoint(g, start, dt, u, Bm, Cm, A, keep, dy):
+    """One chunk backwards from g = dLoss/dh at its end: (g at its start, dA, per-step
+    gradients (d dt, d u, d B, d C))."""
+    _, _, hs = _steps(start, dt, u, Bm, Cm, A, keep, True)
+    h_prev = jnp.concatenate([start[None], hs[:-1]], axis=0)
+
+    def one(carry, xs):
+        g, d_a = carry
+        d, uu, b, c, dyt, hp, hc, *k = xs
+        a = _decay(d, A, k[0] if k else None)
+        g = g + dyt[..., None] * c[:, None, :]
+        s = g * hp * a
+        gb = jnp.einsum("ben,bn->be", g, b)
+        grads = (
+            jnp.einsum("ben,en->be", s, A) + uu * gb,
+            d * gb,
+            jnp.einsum("ben,be->bn", g, d * uu),
+            jnp.einsum("ben,be->bn", hc, dyt),
+        )
+        return (a * g, d_a + jnp.einsum("ben,be->en", s, d)), grads
+
+    xs = (dt, u, Bm, Cm, dy, h_prev, hs) + (() if keep is None else (keep,))
+    (g, d_a), grads = lax.scan(one, (g, jnp.zeros_like(A)), xs, reverse=True)
+    return g, d_a, grads
+
+
+@functools.cache
+def _linear_vjp_scan(size: int, packed: bool):
+    """scan(dt, u, Bm, Cm, A, h0, keep) -> (y, h) on time-major arrays, chunk `size`, with
+    the hand-written backward pass above (`packed`: keep is an array, else None)."""
+
+    def split(a, chunks):
+        return a[: chunks * size].reshape((chunks, size, *a.shape[1:]))
+
+    def fwd(dt, u, Bm, Cm, A, h0, keep):
+        chunks, tail = divmod(dt.shape[0], size)
+
+        def body(h, xs):
+            h_end, y = _steps(h, *xs[:4], A, xs[4] if packed else None, False)
+            return h_end, (y, h)
+
+        xs = tuple(split(a, chunks) for a in (dt, u, Bm, Cm) + ((keep,) if packed else ()))
+        h, (ys, starts) = lax.scan(body, h0, xs)
+        y = ys.reshape((chunks * size, *ys.shape[2:]))
+        tail_start = h
+        if tail:
+            cut = slice(chunks * size, None)
+            args = (dt[cut], u[cut], Bm[cut], Cm[cut], A, keep[cut] if packed else None)
+            h, y_tail = _steps(h, *args, False)
+            y = jnp.concatenate([y, y_tail], axis=0)
+        return (y, h), (dt, u, Bm, Cm, A, keep, starts, tail_start)
+
+    def bwd(res, cts):
+        dt, u, Bm, Cm, A, keep, starts, tail_start = res
+        dy, g = cts
+        chunks, tail = divmod(dt.shape[0], size)
+        d_a = jnp.zeros_like(A)
+        tail_grads = None
+        if tail:
+            cut = slice(chunks * size, None)
+            k = keep[cut] if packed else None
+            g, d_a, tail_grads = _chunk_adjoint(
+                g, tail_start, dt[cut], u[cut], Bm[cut], Cm[cut], A, k, dy[cut]
+            )
+
+        def body(carry, xs):
+            g, d_a = carry
+            start, d, uu, b, c, dyc, *k = xs
+            g, d_a_chunk, grads = _chunk_adjoint(g, start, d, uu, b, c, A, k[0] if k else None, dyc)
+            return (g, d_a + d_a_chunk), grads
+
+        parts = (dt, u, Bm, Cm, dy) + ((keep,) if packed else ())
+        xs = (starts, *(split(a, chunks) for a in parts))
+        (g, d_a), grads = lax.scan(body, (g, d_a), xs, reverse=True)
+        grads = [a.reshape((chunks * size, *a.shape[2:])) for a in grads]
+        if tail:
+            grads = [
+                jnp.concatenate([a, t], axis=0) for a, t in zip(grads, tail_grads, strict=True)
+            ]
+        d_dt, d_u, d_b, d_c = grads
+        return d_dt, d_u, d_b, d_c, d_a, g, (jnp.zeros_like(keep) if packed else None)
+
+    @jax.custom_vjp
+    def scan(dt, u, Bm, Cm, A, h0, keep):
+        return fwd(dt, u, Bm, Cm, A, h0, keep)[0]
+
+    scan.defvjp(fwd, bwd)
     return scan
 
 

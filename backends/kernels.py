@@ -35,9 +35,19 @@ from typing import Any
 
 import numpy as np
 
-from .threads import run_blocks
+from .threads import plan_blocks, run_all, run_blocks
 
-__all__ = ["available", "compile_seconds", "conv_silu", "fused_scan", "reason", "scan", "supports"]
+__all__ = [
+    "available",
+    "compile_seconds",
+    "conv_silu",
+    "fused_scan",
+    "reason",
+    "scan",
+    "scan_backward",
+    "scan_with_starts",
+    "supports",
+]
 
 try:  # the optional extra
     import numba
@@ -292,9 +302,87 @@ if numba is not None:
                 for e in range(e0, e1):  # skip and gate, vectorised over channels
                     y[b, t, e] = (dts[e] + D[e] * u[b, t, e]) * _silu(xz[b, t, channels + e])
 
+    @_jit
+    def _scan_saving(u, dt, A, Bm, Cm, h, y, starts, chunk, b0, b1, e0, e1):
+        # the plain scan (no packing) keeping the state before every `chunk`-th step in
+        # starts (L/chunk, B, E, N): what the backward pass recomputes from
+        length = u.shape[1]
+        n_state = A.shape[1]
+        zero = _zero(u)
+        for b in range(b0, b1):
+            for t in range(length):
+                b_row = Bm[b, t]
+                c_row = Cm[b, t]
+                save = t % chunk == 0
+                for e in range(e0, e1):
+                    d = dt[b, t, e]
+                    du = d * u[b, t, e]
+                    h_row = h[b, e]
+                    a_row = A[e]
+                    if save:
+                        starts[t // chunk, b, e] = h_row
+                    acc = zero
+                    for n in range(n_state):
+                        v = _exp(d * a_row[n]) * h_row[n] + du * b_row[n]
+                        h_row[n] = v
+                        acc += v * c_row[n]
+                    y[b, t, e] = acc
+
+    @_jit
+    def _scan_adjoint(u, dt, A, Bm, Cm, starts, chunk, dy, g, hs, d_u, d_dt, d_b, d_c, d_a,
+                      b0, b1, e0, e1):  # fmt: skip
+        # the adjoint recurrence, chunk by chunk from the end (see `scan_backward`); g (B,E,N)
+        # holds dLoss/dh (in: after the last step; out: before the first); hs (chunk, E, N)
+        # scratch; d_b, d_c (B,L,N) and d_a (E,N) are this block's own partial sums
+        length = u.shape[1]
+        n_state = A.shape[1]
+        zero = _zero(u)
+        for b in range(b0, b1):
+            for c0 in range((length - 1) // chunk * chunk, -1, -chunk):
+                c1 = min(c0 + chunk, length)
+                for t in range(c0, c1):  # recompute the chunk's states
+                    b_row = Bm[b, t]
+                    for e in range(e0, e1):
+                        d = dt[b, t, e]
+                        du = d * u[b, t, e]
+                        a_row = A[e]
+                        prev = starts[c0 // chunk, b, e] if t == c0 else hs[t - c0 - 1, e - e0]
+                        out = hs[t - c0, e - e0]
+                        for n in range(n_state):
+                            out[n] = _exp(d * a_row[n]) * prev[n] + du * b_row[n]
+                for t in range(c1 - 1, c0 - 1, -1):  # and walk it backwards
+                    b_row = Bm[b, t]
+                    c_row = Cm[b, t]
+                    db_row = d_b[b, t]
+                    dc_row = d_c[b, t]
+                    for e in range(e0, e1):
+                        d = dt[b, t, e]
+                        uu = u[b, t, e]
+                        du = d * uu
+                        dyt = dy[b, t, e]
+                        a_row = A[e]
+                        da_row = d_a[e]
+                        g_row = g[b, e]
+                        prev = starts[c0 // chunk, b, e] if t == c0 else hs[t - c0 - 1, e - e0]
+                        cur = hs[t - c0, e - e0]
+                        sa = zero
+                        gb = zero
+                        for n in range(n_state):
+                            a = _exp(d * a_row[n])
+                            gn = g_row[n] + dyt * c_row[n]
+                            s = gn * prev[n] * a
+                            sa += s * a_row[n]
+                            gb += gn * b_row[n]
+                            da_row[n] += s * d
+                            db_row[n] += gn * du
+                            dc_row[n] += cur[n] * dyt
+                            g_row[n] = a * gn
+                        d_dt[b, t, e] = sa + uu * gb
+                        d_u[b, t, e] = d * gb
+
     _KERNELS = {
-        np.dtype(np.float32): (_conv_silu, _scan, _fused_scan),
-        np.dtype(np.float64): (_conv_silu, _scan, _fused_scan),
+        np.dtype(np.float32): (_conv_silu, _scan, _fused_scan, _scan_saving, _scan_adjoint),
+        np.dtype(np.float64): (_conv_silu, _scan, _fused_scan, _scan_saving, _scan_adjoint),
     }
 else:  # pragma: no cover
     _KERNELS = {}
@@ -373,3 +461,62 @@ def fused_scan(u, dt_pre, dt_bias, A, xbc, r: int, D, xz, h0, *, threads: int | 
 
     run_blocks(run, batch, channels, work, threads)
     return y, h
+
+
+#: steps between the states the training forward keeps (`scan_with_starts`)
+BACKWARD_CHUNK = 32
+
+
+def scan_with_starts(u, dt, A, Bm, Cm, h0, *, chunk: int = BACKWARD_CHUNK, threads=None):
+    """The compiled scan for a training forward: y (B,L,E), h_L and the state before every
+    `chunk`-th step (ceil(L/chunk), B, E, N), from which `scan_backward` recomputes."""
+    dtype = np.dtype(u.dtype)
+    batch, length, channels = u.shape
+    u, dt, A, Bm, Cm = (_c(a, dtype) for a in (u, dt, A, Bm, Cm))
+    h = np.array(h0, dtype=dtype, copy=True, order="C")
+    y = np.empty((batch, length, channels), dtype=dtype)
+    starts = np.empty((-(-length // chunk), *h.shape), dtype=dtype)
+    args = (u, dt, A, Bm, Cm, h, y, starts, chunk)
+    work = batch * length * channels * A.shape[1]
+    _run("scan_saving", _KERNELS[dtype][3], args, batch, channels, work, threads)
+    return y, h, starts
+
+
+def scan_backward(u, dt, A, Bm, Cm, starts, dy, dh, *, chunk: int = BACKWARD_CHUNK, threads=None):
+    """The scan's backward pass, compiled: the adjoint recurrence
+        G_t = dy_t (x) C_t + exp(dt_{t+1} A) G_{t+1}     (G_t = dLoss/dh_t, G_L = dh)
+    walked chunk by chunk from the end, each chunk's states recomputed from `starts`
+    (`scan_with_starts`), every gradient read off G and the states in the same loop.
+    Returns (d u, d dt, d A, d Bm, d Cm, d h0)."""
+    dtype = np.dtype(u.dtype)
+    batch, length, channels = u.shape
+    n_state = A.shape[1]
+    u, dt, A, Bm, Cm, starts, dy = (_c(a, dtype) for a in (u, dt, A, Bm, Cm, starts, dy))
+    g = np.array(dh, dtype=dtype, copy=True, order="C")
+    d_u, d_dt = np.empty_like(u), np.empty_like(dt)
+    kernel = _KERNELS[dtype][4]
+    work = batch * length * channels * n_state
+    slices = plan_blocks(batch, channels, work, threads)
+    # per block: its own scratch states and partial sums of the reductions over channels
+    parts = [
+        (
+            np.empty((chunk, e1 - e0, n_state), dtype),
+            np.zeros((batch, length, n_state), dtype),
+            np.zeros((batch, length, n_state), dtype),
+            np.zeros(A.shape, dtype),
+        )
+        for (_, _, e0, e1) in slices
+    ]
+    fixed = (u, dt, A, Bm, Cm, starts, chunk, dy, g)
+
+    def run(index: int) -> None:
+        hs, d_b, d_c, d_a = parts[index]
+        kernel(*fixed, hs, d_u, d_dt, d_b, d_c, d_a, *slices[index])
+
+    first = parts[0]
+    _timed("scan_adjoint", kernel, *fixed, first[0], d_u, d_dt, *first[1:], 0, 0, 0, 0)
+    run_all(run, len(slices))
+    d_b = sum(p[1] for p in parts)
+    d_c = sum(p[2] for p in parts)
+    d_a = sum(p[3] for p in parts)
+    return d_u, d_dt, d_a, d_b, d_c, g

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["MIN_PARALLEL_WORK", "blocks", "num_threads", "run_blocks"]
+__all__ = ["MIN_PARALLEL_WORK", "blocks", "num_threads", "plan_blocks", "run_all", "run_blocks"]
 
 # Below this much work (B*L*E*N state updates), threads cost more than they save (waking
 # them and handing the GIL around costs tens of microseconds; a batch-1 decode step is
@@ -67,6 +67,24 @@ def blocks(batch: int, channels: int, threads: int) -> list[tuple[int, int, int,
     ]
 
 
+def plan_blocks(
+    batch: int, channels: int, work: int, threads: int | None = None
+) -> list[tuple[int, int, int, int]]:
+    """The (b0, b1, e0, e1) blocks for `work` state updates: one per thread when the work is
+    worth the threads, else one."""
+    workers = threads if threads is not None else num_threads()
+    return blocks(batch, channels, 1 if work < MIN_PARALLEL_WORK else workers)
+
+
+def run_all(fn: Callable[[int], None], count: int) -> None:
+    """`fn(0)`, ..., `fn(count - 1)`, on the pool when there are several."""
+    if count == 1:
+        fn(0)
+        return
+    for future in [_pool(count).submit(fn, i) for i in range(count)]:
+        future.result()
+
+
 def run_blocks(
     fn: Callable[[int, int, int, int], None],
     batch: int,
@@ -76,12 +94,5 @@ def run_blocks(
 ) -> None:
     """`fn(b0, b1, e0, e1)` on every block of (batch, channels), on the pool when `work`
     (state updates) is worth the threads."""
-    workers = threads if threads is not None else num_threads()
-    if work < MIN_PARALLEL_WORK:
-        workers = 1
-    slices = blocks(batch, channels, workers)
-    if len(slices) == 1:
-        fn(*slices[0])
-        return
-    for future in [_pool(workers).submit(fn, *blk) for blk in slices]:
-        future.result()
+    slices = plan_blocks(batch, channels, work, threads)
+    run_all(lambda i: fn(*slices[i]), len(slices))

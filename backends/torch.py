@@ -124,6 +124,15 @@ def _linear_inplace(u, dt, A, Bm, Cm, h0, size: int):
 _BACKWARD_CHUNK = 32
 
 
+def _cpu_kernels(*tensors) -> bool:
+    """Whether the compiled CPU kernels can run on these tensors (CPU, one float32/float64
+    dtype, numba installed)."""
+    dtype = tensors[0].dtype
+    return kernels.supports(dtype) and all(
+        t.device.type == "cpu" and t.dtype == dtype for t in tensors
+    )
+
+
 class _LinearScan(torch.autograd.Function):
     """The linear scan with a hand-written backward pass (the official kernel's scheme).
 
@@ -132,10 +141,18 @@ class _LinearScan(torch.autograd.Function):
     start, then run the adjoint recurrence backwards,
         G_t = dy_t (x) C_t + exp(dt_{t+1} A) * G_{t+1}          (G_t = dLoss/dh_t)
     and read every gradient off G and the states.  Memory: O(L/T * B*E*N + B*T*E*N).
+    On CPU float32/float64 tensors with numba installed, both passes run as compiled kernels
+    (`backends.kernels.scan_with_starts` / `scan_backward`: the same scheme, one loop nest).
     """
 
     @staticmethod
     def forward(ctx, u, dt, A, Bm, Cm, h0):
+        ctx.kernels = _cpu_kernels(u, dt, A, Bm, Cm, h0)
+        if ctx.kernels:  # the compiled forward and backward (backends.kernels)
+            arrays = [t.detach().numpy() for t in (u, dt, A, Bm, Cm, h0)]
+            y, h, starts = kernels.scan_with_starts(*arrays, chunk=_BACKWARD_CHUNK)
+            ctx.save_for_backward(u, dt, A, Bm, Cm, torch.from_numpy(starts))
+            return torch.from_numpy(y), torch.from_numpy(h)
         length = u.shape[1]
         starts, ys, h = [], [], h0
         for start in range(0, length, _BACKWARD_CHUNK):
@@ -152,6 +169,11 @@ class _LinearScan(torch.autograd.Function):
         u, dt, A, Bm, Cm, starts = ctx.saved_tensors
         length = u.shape[1]
         dy = torch.zeros_like(u) if dy is None else dy
+        if ctx.kernels:
+            dh = torch.zeros_like(starts[0]) if dh is None else dh
+            arrays = [t.detach().numpy() for t in (u, dt, A, Bm, Cm, starts, dy, dh)]
+            grads = kernels.scan_backward(*arrays, chunk=_BACKWARD_CHUNK)
+            return tuple(torch.from_numpy(np.ascontiguousarray(g)) for g in grads)
         g = torch.zeros_like(starts[0]) if dh is None else dh.clone()  # dLoss/dh after the chunk
         du, d_dt = torch.empty_like(u), torch.empty_like(dt)
         d_b, d_c = torch.empty_like(Bm), torch.empty_like(Cm)
