@@ -245,8 +245,10 @@ if numba is not None:
                     new_state[b, e, j] = xz[b, p, e] if p >= 0 else state[b, e, width + p]
 
     @_jit
-    def _scan(u, dt, A, Bm, Cm, keep, h, y, b0, b1, e0, e1):
-        # the plain scan: h (B,E,N) updated in place; y (B,L,E) = h.C; keep (B,L) 0/1
+    def _scan(u, dt, A, Bm, Cm, keep, h, y, starts, chunk, b0, b1, e0, e1):
+        # the plain scan: h (B,E,N) updated in place; y (B,L,E) = h.C; keep (B,L) 0/1;
+        # chunk > 0: the state before every chunk-th step into starts (L/chunk, B, E, N),
+        # what the backward pass recomputes from
         length = u.shape[1]
         n_state = A.shape[1]
         zero = _zero(u)
@@ -255,6 +257,7 @@ if numba is not None:
                 b_row = Bm[b, t]
                 c_row = Cm[b, t]
                 restart = keep[b, t] == 0
+                save = chunk > 0 and t % chunk == 0
                 for e in range(e0, e1):
                     d = dt[b, t, e]
                     du = d * u[b, t, e]
@@ -262,6 +265,8 @@ if numba is not None:
                     a_row = A[e]
                     if restart:
                         h_row[:] = zero
+                    if save:
+                        starts[t // chunk, b, e] = h_row
                     acc = zero
                     for n in range(n_state):
                         v = _exp(d * a_row[n]) * h_row[n] + du * b_row[n]
@@ -280,6 +285,9 @@ if numba is not None:
         channels = u.shape[2]
         zero = _zero(u)
         for b in range(b0, b1):
+            # the block's state rows start as h_in's (a copy in the loop: reading h_in in the
+            # first step instead would leave LLVM unsure whether it overlaps h, unvectorised)
+            h[b, e0:e1] = h_in[b, e0:e1]
             for t in range(length):
                 for e in range(e0, e1):  # softplus, vectorised over channels
                     v = dt_pre[b, t, e] + dt_bias[e]
@@ -290,42 +298,15 @@ if numba is not None:
                     d = dts[e]
                     du = d * u[b, t, e]
                     h_row = h[b, e]
-                    src = h_in[b, e] if t == 0 else h_row
                     a_row = A[e]
-                    acc = zero
-                    for n in range(n_state):
-                        v = _exp(d * a_row[n]) * src[n] + du * b_row[n]
-                        h_row[n] = v
-                        acc += v * c_row[n]
-                    dts[e] = acc
-                for e in range(e0, e1):  # skip and gate, vectorised over channels
-                    y[b, t, e] = (dts[e] + D[e] * u[b, t, e]) * _silu(xz[b, t, channels + e])
-
-    @_jit
-    def _scan_saving(u, dt, A, Bm, Cm, h, y, starts, chunk, b0, b1, e0, e1):
-        # the plain scan (no packing) keeping the state before every `chunk`-th step in
-        # starts (L/chunk, B, E, N): what the backward pass recomputes from
-        length = u.shape[1]
-        n_state = A.shape[1]
-        zero = _zero(u)
-        for b in range(b0, b1):
-            for t in range(length):
-                b_row = Bm[b, t]
-                c_row = Cm[b, t]
-                save = t % chunk == 0
-                for e in range(e0, e1):
-                    d = dt[b, t, e]
-                    du = d * u[b, t, e]
-                    h_row = h[b, e]
-                    a_row = A[e]
-                    if save:
-                        starts[t // chunk, b, e] = h_row
                     acc = zero
                     for n in range(n_state):
                         v = _exp(d * a_row[n]) * h_row[n] + du * b_row[n]
                         h_row[n] = v
                         acc += v * c_row[n]
-                    y[b, t, e] = acc
+                    dts[e] = acc
+                for e in range(e0, e1):  # skip and gate, vectorised over channels
+                    y[b, t, e] = (dts[e] + D[e] * u[b, t, e]) * _silu(xz[b, t, channels + e])
 
     @_jit
     def _scan_adjoint(u, dt, A, Bm, Cm, starts, chunk, dy, g, hs, d_u, d_dt, d_b, d_c, d_a,
@@ -380,8 +361,8 @@ if numba is not None:
                         d_u[b, t, e] = d * gb
 
     _KERNELS = {
-        np.dtype(np.float32): (_conv_silu, _scan, _fused_scan, _scan_saving, _scan_adjoint),
-        np.dtype(np.float64): (_conv_silu, _scan, _fused_scan, _scan_saving, _scan_adjoint),
+        np.dtype(np.float32): (_conv_silu, _scan, _fused_scan, _scan_adjoint),
+        np.dtype(np.float64): (_conv_silu, _scan, _fused_scan, _scan_adjoint),
     }
 else:  # pragma: no cover
     _KERNELS = {}
@@ -420,7 +401,7 @@ def scan(u, dt, A, Bm, Cm, h0, *, keep=None, threads: int | None = None):
     h = np.array(h0, dtype=dtype, copy=True, order="C")
     keep = np.ones((batch, length), dtype) if keep is None else _c(keep, dtype)
     y = np.empty((batch, length, channels), dtype=dtype)
-    args = (u, dt, A, Bm, Cm, keep, h, y)
+    args = (u, dt, A, Bm, Cm, keep, h, y, np.empty((0, *h.shape), dtype), 0)
     work = batch * length * channels * A.shape[1]
     _run("scan", _KERNELS[dtype][1], args, batch, channels, work, threads)
     return y, h
@@ -448,7 +429,7 @@ def fused_scan(u, dt_pre, dt_bias, A, xbc, r: int, D, xz, h0, *, threads: int | 
     dtype = np.dtype(u.dtype)
     batch, length, channels = u.shape
     h0 = _c(h0, dtype)
-    h = np.empty_like(h0)  # the kernel reads h0 at the first step and writes h
+    h = np.empty_like(h0)  # the kernel copies h0's rows in, block by block
     y = np.empty((batch, length, channels), dtype=dtype)
     kernel = _KERNELS[dtype][2]
     work = batch * length * channels * A.shape[1]
@@ -475,9 +456,9 @@ def scan_with_starts(u, dt, A, Bm, Cm, h0, *, chunk: int = BACKWARD_CHUNK, threa
     h = np.array(h0, dtype=dtype, copy=True, order="C")
     y = np.empty((batch, length, channels), dtype=dtype)
     starts = np.empty((-(-length // chunk), *h.shape), dtype=dtype)
-    args = (u, dt, A, Bm, Cm, h, y, starts, chunk)
+    args = (u, dt, A, Bm, Cm, np.ones((batch, length), dtype), h, y, starts, chunk)
     work = batch * length * channels * A.shape[1]
-    _run("scan_saving", _KERNELS[dtype][3], args, batch, channels, work, threads)
+    _run("scan", _KERNELS[dtype][1], args, batch, channels, work, threads)
     return y, h, starts
 
 
@@ -493,7 +474,7 @@ def scan_backward(u, dt, A, Bm, Cm, starts, dy, dh, *, chunk: int = BACKWARD_CHU
     u, dt, A, Bm, Cm, starts, dy = (_c(a, dtype) for a in (u, dt, A, Bm, Cm, starts, dy))
     g = np.array(dh, dtype=dtype, copy=True, order="C")
     d_u, d_dt = np.empty_like(u), np.empty_like(dt)
-    kernel = _KERNELS[dtype][4]
+    kernel = _KERNELS[dtype][3]
     work = batch * length * channels * n_state
     slices = plan_blocks(batch, channels, work, threads)
     # per block: its own scratch states and partial sums of the reductions over channels
