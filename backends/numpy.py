@@ -31,6 +31,7 @@ from . import kernels
 from .threads import num_threads, run_blocks
 
 __all__ = [
+    "FUSED_FORWARDS",
     "NumpyBackend",
     "fused_forward",
     "get_backend",
@@ -89,16 +90,6 @@ def scan_native(u, dt, A, Bm, Cm, h0, *, threads: int | None = None, keep=None):
 NATIVE_SCANS = {("mamba1", "linear"): scan_native}
 
 
-def fuses(x, config: MambaConfig, state, attention_mask=None, seq_idx=None) -> bool:
-    """Whether `fused_forward` runs this call: Mamba-1, SiLU, float32/float64 throughout, no
-    mask or packing (those take the core's mixer, still on the compiled scan)."""
-    if config.version != "mamba1" or config.activation not in ("swish", "silu"):
-        return False
-    if attention_mask is not None or seq_idx is not None or not kernels.supports(x.dtype):
-        return False
-    return state is None or (state.conv_state.dtype == x.dtype and state.ssm_state.dtype == x.dtype)
-
-
 def fused_forward(params, x, config: MambaConfig, state=None):
     """The Mamba-1 mixer with its elementwise work compiled: the four projections on BLAS,
     then one kernel for the causal conv + SiLU and one for the selective scan with its
@@ -126,6 +117,22 @@ def fused_forward(params, x, config: MambaConfig, state=None):
     y, h = kernels.fused_scan(u, dt_pre, p("dt_proj.bias"), a_mat, x_dbl, r, p("D"), xz, h0)
     out = linear(y, p("out_proj.weight"), opt("out_proj.bias", config.use_bias), xp=xp_numpy)
     return out, MambaState(conv_state, h)
+
+
+#: mixer version -> its forward with compiled elementwise work (`backends.kernels`); the
+#: other versions run the core's mixer
+FUSED_FORWARDS = {"mamba1": fused_forward}
+
+
+def fuses(x, config: MambaConfig, state, attention_mask=None, seq_idx=None) -> bool:
+    """Whether this call runs its version's compiled forward (`FUSED_FORWARDS`): SiLU,
+    float32/float64 throughout, no mask or packing (those take the core's mixer, Mamba-1
+    still on the compiled scan)."""
+    if FUSED_FORWARDS.get(config.version) is None or config.activation not in ("swish", "silu"):
+        return False
+    if attention_mask is not None or seq_idx is not None or not kernels.supports(x.dtype):
+        return False
+    return state is None or (state.conv_state.dtype == x.dtype and state.ssm_state.dtype == x.dtype)
 
 
 class NumpyBackend(Backend):
@@ -157,7 +164,7 @@ class NumpyBackend(Backend):
         seq_idx=None,
     ):  # fmt: skip
         if scan_type == "linear" and fuses(x, config, state, attention_mask, seq_idx):
-            return fused_forward(params, x, config, state)
+            return FUSED_FORWARDS[config.version](params, x, config, state)
         scan = self.scan_fn(scan_type, config)
         return mixer_forward(
             params, x, config, state, scan=scan, xp=self.xp, attention_mask=attention_mask,
@@ -166,7 +173,7 @@ class NumpyBackend(Backend):
 
     def step(self, prepared, state: Any, x_t, config: MambaConfig):
         if fuses(x_t, config, state):
-            out, state = fused_forward(prepared, x_t[:, None, :], config, state)
+            out, state = FUSED_FORWARDS[config.version](prepared, x_t[:, None, :], config, state)
             return out[:, 0, :], state
         scan = NATIVE_SCANS.get((config.version, "linear"))
         return mixer_step(prepared, state, x_t, config, scan=scan, xp=self.xp)

@@ -57,7 +57,7 @@ from mamba_core.ssd import SSD_ALGORITHMS, SSD_DEFAULT_CHUNK
 from mamba_core.ssd3 import SSD3_ALGORITHMS, SSD3_DEFAULT_CHUNK
 
 from . import kernels
-from .numpy import fused_forward, fuses
+from .numpy import FUSED_FORWARDS, fuses
 
 __all__ = [
     "HFMixerAdapter",
@@ -334,7 +334,7 @@ def _kernel_forward(params, x: Array, config: MambaConfig, state):
     """`fused_forward` on NumPy views of the tensors (no copies); torch tensors back."""
     arrays = {k: v.detach().numpy() for k, v in params.items()}
     np_state = None if state is None else type(state)(*(t.detach().numpy() for t in state))
-    out, new = fused_forward(arrays, x.detach().numpy(), config, np_state)
+    out, new = FUSED_FORWARDS[config.version](arrays, x.detach().numpy(), config, np_state)
     return torch.from_numpy(out), type(state or new)(*(torch.from_numpy(a) for a in new))
 
 
