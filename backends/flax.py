@@ -243,17 +243,12 @@ class MambaLMFlax(GenerationMixin, nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, states=None, *, return_states=False):
         """input_ids (B, L) -> logits (B, L, V) (and the per-layer states)."""
-        from .jax import _lm_jit
+        from .jax import lm_call
 
         ids = jnp.asarray(input_ids)
         mask = None if attention_mask is None else jnp.asarray(attention_mask, self.param_dtype)
-        logits, new_states = _lm_jit(
-            self.params_dict(),
-            ids,
-            states,
-            mask,
-            config=self.config,
-            dtype=jnp.dtype(self.param_dtype),
+        logits, new_states = lm_call(
+            self.params_dict(), ids, states, mask, config=self.config, dtype=self.param_dtype
         )
         return (logits, new_states) if return_states else logits
 

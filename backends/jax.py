@@ -43,11 +43,15 @@ from mamba_core.mixer import (
     validate_state,
 )
 from mamba_core.mixers import mixer_for
+from mamba_core.ops import silu, softplus
 from mamba_core.params import to_numpy
 from mamba_core.registry import Backend
 from mamba_core.scan import DEFAULT_CHUNK, chunk_cumulative
 from mamba_core.ssd import SSD_DEFAULT_CHUNK, ssd_chunk_associative, ssd_chunk_cumulative
 from mamba_core.ssd3 import SSD3_ALGORITHMS, SSD3_DEFAULT_CHUNK
+
+from . import kernels
+from .numpy import fuses
 
 __all__ = [
     "SCANS",
@@ -283,6 +287,64 @@ def _linear_vjp_scan(size: int, packed: bool):
     return scan
 
 
+# ---------------------------------------------------------------- the compiled CPU backward
+# On the CPU, XLA runs the linear scan's backward pass as separate small dots per step (and
+# the elementwise parts around the scan as their own passes).  The compiled kernels of
+# `backends.kernels` (numba, the optional `mamba-core[fast]` extra) run the selective scan
+# (softplus, scan, skip and gate: the official `selective_scan_fn`) and its backward pass as
+# one loop nest each over (batch, channel) blocks.  Where a gradient is taken, `jax.custom_vjp`
+# runs those two through `jax.pure_callback` (XLA's CPU buffers handed over as NumPy arrays);
+# a plain forward keeps XLA's own fused scan (measured as fast as the kernel's plus the
+# callback's copies).  Where a program is partitioned by XLA (a `mesh`: the "model" axis
+# shards channels) a callback would run on gathered arrays, so those traces keep XLA's
+# backward, as do context-parallel stretches.  Whether the kernels are on
+# (`kernels.available()`) is a static argument of the jitted entry points, so no trace
+# outlives a switch.
+
+
+def _selective(on: bool, config: MambaConfig, x, scan_type: str, mask, seq_idx=None):
+    """The fused selective scan with the kernels' VJP where this trace takes it (`on`: the
+    kernels are available; JAX on the CPU; the linear scan; what the NumPy backend's fused
+    forward takes: Mamba-1, SiLU, float32/float64, no mask or packing), else None."""
+    if on and scan_type == "linear" and jax.default_backend() == "cpu":
+        if fuses(x, config, None, mask, seq_idx):
+            return _host_selective(chunk_length("linear", config.chunk_size))
+    return None
+
+
+def _callback(fn, shapes, *args, **kwargs):
+    out = [jax.ShapeDtypeStruct(shape, args[0].dtype) for shape in shapes]
+    return jax.pure_callback(functools.partial(fn, **kwargs), out, *args, vmap_method="sequential")
+
+
+@functools.cache
+def _host_selective(size: int):
+    """selective(u, dt_pre, dt_bias, A, Bm, Cm, D, z, h0) -> (y, h_L), y = (scan(u,
+    softplus(dt_pre + dt_bias), A, Bm, Cm, h0) + D u) * silu(z): XLA's linear scan (chunk
+    `size`) forward, the compiled kernels under a VJP (`kernels.fused_scan` keeping the state
+    every `kernels.BACKWARD_CHUNK` steps, then `kernels.fused_scan_backward`)."""
+    scan = chunked_scan("linear", size)
+    chunk = kernels.BACKWARD_CHUNK
+
+    def xla(u, dt_pre, dt_bias, A, Bm, Cm, D, z, h0):
+        y, h = scan(u, softplus(dt_pre + dt_bias, xp=jnp), A, Bm, Cm, h0)
+        return (y + u * D) * silu(z, xp=jnp), h
+
+    def fwd(*args):
+        u, h0 = args[0], args[-1]
+        starts = (-(-u.shape[1] // chunk), *h0.shape)
+        y, h, kept = _callback(kernels.fused_scan, (u.shape, h0.shape, starts), *args, chunk=chunk)
+        return (y, h), (*args[:-1], kept)
+
+    def bwd(res, cts):
+        shapes = [a.shape for a in res[:-1]] + [res[-1].shape[1:]]
+        return tuple(_callback(kernels.fused_scan_backward, shapes, *res, *cts, chunk=chunk))
+
+    selective = jax.custom_vjp(xla)
+    selective.defvjp(fwd, bwd)
+    return selective
+
+
 SCANS = tuple(_CHUNK_BODIES)
 
 
@@ -432,7 +494,9 @@ def _constrain(x, mesh: Mesh | None, spec):
     return x if mesh is None else lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def _forward_impl(params, x, state, mask, seq_idx, config, scan_type, mesh, data_axis, model_axis):
+def _forward_impl(
+    params, x, state, mask, seq_idx, config, scan_type, mesh, data_axis, model_axis, kernels_on
+):
     _count_trace("forward")
     if scan_type is None or scan_type == "auto":
         scan_type = mixer_for(config).auto_scan("jax", jax.default_backend(), config)
@@ -453,14 +517,17 @@ def _forward_impl(params, x, state, mask, seq_idx, config, scan_type, mesh, data
             y, h = inner(u, dt, A, Bm, Cm, h0, **kw)
             return _constrain(y, mesh, seq(y)), _constrain(h, mesh, st(h))
 
+    selective = _selective(kernels_on and mesh is None, config, x, scan_type, mask, seq_idx)
     y, new_state = mixer_forward(
-        params, x, config, state, scan=scan, xp=jnp, attention_mask=mask, seq_idx=seq_idx
-    )
+        params, x, config, state, scan=scan, xp=jnp, attention_mask=mask, seq_idx=seq_idx,
+        selective=selective,
+    )  # fmt: skip
     return _constrain(y, mesh, P(data_axis, None, None)), new_state
 
 
 _forward_jit = jax.jit(
-    _forward_impl, static_argnames=("config", "scan_type", "mesh", "data_axis", "model_axis")
+    _forward_impl,
+    static_argnames=("config", "scan_type", "mesh", "data_axis", "model_axis", "kernels_on"),
 )
 
 
@@ -498,6 +565,7 @@ def forward(
         mesh=mesh,
         data_axis=data_axis,
         model_axis=model_axis,
+        kernels_on=kernels.available(),
     )
 
 
@@ -635,7 +703,7 @@ def context_forward(
 
 
 # ---------------------------------------------------------------- language models
-def _lm_impl(params, ids, states, mask, config, dtype):
+def _lm_impl(params, ids, states, mask, config, dtype, kernels_on):
     from mamba_core.models import lm_forward
 
     mixer_cfg = config.mixer
@@ -645,7 +713,10 @@ def _lm_impl(params, ids, states, mask, config, dtype):
     scan = _SCAN_BUILDERS[mixer_cfg.version](scan_type, mixer_cfg.chunk_size)
 
     def mixer(p, v, s, m):
-        return mixer_forward(p, v, mixer_cfg, s, scan=scan, xp=jnp, attention_mask=m)
+        selective = _selective(kernels_on, mixer_cfg, v, scan_type, m)
+        return mixer_forward(
+            p, v, mixer_cfg, s, scan=scan, xp=jnp, attention_mask=m, selective=selective
+        )
 
     return lm_forward(
         params, ids, config, states, dtype=dtype, mixer=mixer, attention_mask=mask, xp=jnp
@@ -665,9 +736,17 @@ def _lm_step_impl(params, states, ids, config, dtype):
     return logits[:, 0, :], new_states
 
 
-#: the whole language model under one jit (config and dtype static)
-_lm_jit = jax.jit(_lm_impl, static_argnames=("config", "dtype"))
+#: the whole language model under one jit (config, dtype and whether the kernels are on static)
+_lm_jit = jax.jit(_lm_impl, static_argnames=("config", "dtype", "kernels_on"))
 _lm_step_jit = jax.jit(_lm_step_impl, static_argnames=("config", "dtype"))
+
+
+def lm_call(params, ids, states, mask, *, config, dtype):
+    """The jitted language model: ids (B, L) -> (logits, per-layer states)."""
+    return _lm_jit(
+        params, ids, states, mask, config=config, dtype=jnp.dtype(dtype),
+        kernels_on=kernels.available(),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- sharding helpers
@@ -816,7 +895,7 @@ class JaxBackend(Backend):
 
     def lm_forward(self, params, ids, config, states, attention_mask, dtype):
         states = None if states is None else list(states)
-        return _lm_jit(params, ids, states, attention_mask, config=config, dtype=jnp.dtype(dtype))
+        return lm_call(params, ids, states, attention_mask, config=config, dtype=dtype)
 
     def lm_step(self, params, states, ids, config, dtype):
         return _lm_step_jit(params, list(states), ids, config=config, dtype=jnp.dtype(dtype))

@@ -42,6 +42,7 @@ __all__ = [
     "compile_seconds",
     "conv_silu",
     "fused_scan",
+    "fused_scan_backward",
     "reason",
     "scan",
     "scan_backward",
@@ -174,8 +175,24 @@ if numba is not None:
         s = w / (2.0 + w)
         q = s * s
         p = 1.0 / 33.0
-        for j in range(15, -1, -1):  # unrolled by LLVM: 1/31, 1/29, ..., 1/1
-            p = p * q + 1.0 / (2 * j + 1)
+        # 1/31, 1/29, ..., 1/1 (written out: a loop here trips numba's SSA checks when
+        # inlined)
+        p = p * q + 1.0 / 31.0
+        p = p * q + 1.0 / 29.0
+        p = p * q + 1.0 / 27.0
+        p = p * q + 1.0 / 25.0
+        p = p * q + 1.0 / 23.0
+        p = p * q + 1.0 / 21.0
+        p = p * q + 1.0 / 19.0
+        p = p * q + 1.0 / 17.0
+        p = p * q + 1.0 / 15.0
+        p = p * q + 1.0 / 13.0
+        p = p * q + 1.0 / 11.0
+        p = p * q + 1.0 / 9.0
+        p = p * q + 1.0 / 7.0
+        p = p * q + 1.0 / 5.0
+        p = p * q + 1.0 / 3.0
+        p = p * q + 1.0 / 1.0
         return 2.0 * s * p
 
     # Type-generic helpers: one top-level kernel per operation (cacheable on disk, as closures
@@ -206,16 +223,24 @@ if numba is not None:
         return None
 
     @overload(_zero, inline="always")
-    def _zero_impl(a):
-        if a.dtype == types.float32:
+    def _zero_impl(a):  # 0 in the dtype of an array or a scalar
+        if getattr(a, "dtype", a) == types.float32:
             return lambda a: np.float32(0.0)
         return lambda a: 0.0
 
     @_inline
-    def _silu(a):
+    def _sigmoid(a):
         one = a - a + 1  # 1 in a's type
-        e = _exp(-abs(a))  # the sigmoid from exp(-|a|) only: never overflows
-        return a * (one / (one + e) if a >= 0 else e / (one + e))
+        e = _exp(-abs(a))  # from exp(-|a|) only: never overflows
+        return one / (one + e) if a >= 0 else e / (one + e)
+
+    @_inline
+    def _silu(a):
+        return a * _sigmoid(a)
+
+    @_inline
+    def _softplus(v):
+        return max(v, _zero(v)) + _log1p(_exp(-abs(v)))
 
     @_jit
     def _conv_silu(xz, w, bias, state, u, new_state):
@@ -275,25 +300,28 @@ if numba is not None:
                     y[b, t, e] = acc
 
     @_jit
-    def _fused_scan(u, dt_pre, dt_bias, A, xbc, r, D, xz, h_in, h, y, dts, b0, b1, e0, e1):
+    def _fused_scan(u, dt_pre, dt_bias, A, bs, ob, cs, oc, D, z, oz, h_in, h, y, starts,
+                    chunk, dts, b0, b1, e0, e1):  # fmt: skip
         # the official fused selective scan: dt = softplus(dt_pre + dt_bias);
-        # h = exp(dt A) h + dt u B;  y = (h.C + D u) * silu(z).  The state starts from h_in
-        # (only read) and ends in h.  B, C = xbc[..., r:r+N], xbc[..., r+N:]; z = xz[..., E:];
-        # dts: (E,) scratch
+        # h = exp(dt A) h + dt u B;  y = (h.C + D u) * silu(z), with B = bs[..., ob:ob+N],
+        # C = cs[..., oc:oc+N], z = z[..., oz:oz+E] (column blocks of the projections'
+        # outputs, or whole arrays at offset 0).  The state starts from h_in (only read) and
+        # ends in h; chunk > 0: the state before every chunk-th step into starts (L/chunk, B,
+        # E, N), for the backward pass.  dts: (E,) scratch
         length = u.shape[1]
         n_state = A.shape[1]
-        channels = u.shape[2]
         zero = _zero(u)
         for b in range(b0, b1):
             # the block's state rows start as h_in's (a copy in the loop: reading h_in in the
             # first step instead would leave LLVM unsure whether it overlaps h, unvectorised)
             h[b, e0:e1] = h_in[b, e0:e1]
             for t in range(length):
+                if chunk > 0 and t % chunk == 0:
+                    starts[t // chunk, b, e0:e1] = h[b, e0:e1]
                 for e in range(e0, e1):  # softplus, vectorised over channels
-                    v = dt_pre[b, t, e] + dt_bias[e]
-                    dts[e] = max(v, zero) + _log1p(_exp(-abs(v)))
-                b_row = xbc[b, t, r : r + n_state]
-                c_row = xbc[b, t, r + n_state : r + 2 * n_state]
+                    dts[e] = _softplus(dt_pre[b, t, e] + dt_bias[e])
+                b_row = bs[b, t, ob : ob + n_state]
+                c_row = cs[b, t, oc : oc + n_state]
                 for e in range(e0, e1):
                     d = dts[e]
                     du = d * u[b, t, e]
@@ -306,7 +334,82 @@ if numba is not None:
                         acc += v * c_row[n]
                     dts[e] = acc
                 for e in range(e0, e1):  # skip and gate, vectorised over channels
-                    y[b, t, e] = (dts[e] + D[e] * u[b, t, e]) * _silu(xz[b, t, channels + e])
+                    y[b, t, e] = (dts[e] + D[e] * u[b, t, e]) * _silu(z[b, t, oz + e])
+
+    @_jit
+    def _fused_adjoint(u, dt_pre, dt_bias, A, bs, ob, cs, oc, D, z, oz, starts, chunk, dout, g,
+                       hs, rows, d_u, d_dtp, d_z, d_b, d_c, d_a, d_d, d_bias,
+                       b0, b1, e0, e1):  # fmt: skip
+        # the backward pass of `_fused_scan` (see `fused_scan_backward`): per chunk from the
+        # end, recompute its states from starts into hs (chunk, E, N), then walk it backwards
+        # with G (g: (B,E,N), dLoss/dh) and every gradient.  rows (4, E) scratch: dt,
+        # sigmoid(dt_pre + bias), dLoss/d(h.C) and sigmoid(z) of the current step;
+        # d_b, d_c (B,L,N), d_a (E,N), d_d, d_bias (E,) are this block's own partial sums
+        length = u.shape[1]
+        n_state = A.shape[1]
+        zero = _zero(u)
+        one = zero + 1
+        for b in range(b0, b1):
+            for c0 in range((length - 1) // chunk * chunk, -1, -chunk):
+                c1 = min(c0 + chunk, length)
+                for t in range(c0, c1):  # recompute the chunk's states
+                    for e in range(e0, e1):
+                        rows[0, e] = _softplus(dt_pre[b, t, e] + dt_bias[e])
+                    b_row = bs[b, t, ob : ob + n_state]
+                    for e in range(e0, e1):
+                        d = rows[0, e]
+                        du = d * u[b, t, e]
+                        a_row = A[e]
+                        prev = starts[c0 // chunk, b, e] if t == c0 else hs[t - c0 - 1, e - e0]
+                        out = hs[t - c0, e - e0]
+                        for n in range(n_state):
+                            out[n] = _exp(d * a_row[n]) * prev[n] + du * b_row[n]
+                for t in range(c1 - 1, c0 - 1, -1):  # and walk it backwards
+                    for e in range(e0, e1):  # the step's elementwise parts, over channels
+                        v = dt_pre[b, t, e] + dt_bias[e]
+                        rows[0, e] = _softplus(v)
+                        rows[1, e] = _sigmoid(v)
+                        zz = z[b, t, oz + e]
+                        sz = _sigmoid(zz)
+                        rows[2, e] = dout[b, t, e] * zz * sz  # dLoss/d(h.C + D u)
+                        rows[3, e] = sz
+                    b_row = bs[b, t, ob : ob + n_state]
+                    c_row = cs[b, t, oc : oc + n_state]
+                    db_row = d_b[b, t]
+                    dc_row = d_c[b, t]
+                    for e in range(e0, e1):
+                        d = rows[0, e]
+                        uu = u[b, t, e]
+                        du = d * uu
+                        dyt = rows[2, e]
+                        a_row = A[e]
+                        da_row = d_a[e]
+                        g_row = g[b, e]
+                        prev = starts[c0 // chunk, b, e] if t == c0 else hs[t - c0 - 1, e - e0]
+                        cur = hs[t - c0, e - e0]
+                        sa = zero
+                        gb = zero
+                        ys = zero
+                        for n in range(n_state):
+                            a = _exp(d * a_row[n])
+                            gn = g_row[n] + dyt * c_row[n]
+                            s = gn * prev[n] * a
+                            sa += s * a_row[n]
+                            gb += gn * b_row[n]
+                            ys += cur[n] * c_row[n]
+                            da_row[n] += s * d
+                            db_row[n] += gn * du
+                            dc_row[n] += cur[n] * dyt
+                            g_row[n] = a * gn
+                        sz = rows[3, e]
+                        zz = z[b, t, oz + e]
+                        full = ys + D[e] * uu
+                        d_z[b, t, e] = dout[b, t, e] * full * sz * (one + zz * (one - sz))
+                        grad_v = (sa + uu * gb) * rows[1, e]
+                        d_dtp[b, t, e] = grad_v
+                        d_u[b, t, e] = d * gb + dyt * D[e]
+                        d_d[e] += dyt * uu
+                        d_bias[e] += grad_v
 
     @_jit
     def _scan_adjoint(u, dt, A, Bm, Cm, starts, chunk, dy, g, hs, d_u, d_dt, d_b, d_c, d_a,
@@ -361,8 +464,8 @@ if numba is not None:
                         d_u[b, t, e] = d * gb
 
     _KERNELS = {
-        np.dtype(np.float32): (_conv_silu, _scan, _fused_scan, _scan_adjoint),
-        np.dtype(np.float64): (_conv_silu, _scan, _fused_scan, _scan_adjoint),
+        np.dtype(np.float32): (_conv_silu, _scan, _fused_scan, _scan_adjoint, _fused_adjoint),
+        np.dtype(np.float64): (_conv_silu, _scan, _fused_scan, _scan_adjoint, _fused_adjoint),
     }
 else:  # pragma: no cover
     _KERNELS = {}
@@ -420,27 +523,93 @@ def conv_silu(xz, weight, bias, state):
     return u, new_state
 
 
-def fused_scan(u, dt_pre, dt_bias, A, xbc, r: int, D, xz, h0, *, threads: int | None = None):
+def _columns(a: np.ndarray, dtype) -> tuple[np.ndarray, int]:
+    """(source, offset) with a == source[..., offset : offset + a.shape[-1]] and source
+    C-contiguous: a column block of a contiguous array (B and C of x_proj's output, z of
+    in_proj's) is read in place, anything else copied."""
+    base = getattr(a, "base", None)
+    if (
+        isinstance(base, np.ndarray)
+        and a.dtype == dtype == base.dtype
+        and base.flags.c_contiguous
+        and base.shape[:-1] == a.shape[:-1]
+        and a.strides == base.strides
+    ):
+        offset, rest = divmod(a.ctypes.data - base.ctypes.data, a.itemsize)
+        if rest == 0 and 0 <= offset <= base.shape[-1] - a.shape[-1]:
+            return base, offset
+    return _c(a, dtype), 0
+
+
+def fused_scan(u, dt_pre, dt_bias, A, Bm, Cm, D, z, h0, *, chunk: int = 0, threads=None):
     """The selective scan with its softplus, skip and gate (the official `selective_scan_fn`
     with delta_bias, delta_softplus, D and z), compiled.
 
-    u, dt_pre (B,L,E); dt_bias, D (E,); A (E,N); xbc (B,L,r+2N): B and C from column r on;
-    xz (B,L,2E): z from column E on; h0 (B,E,N).  Returns the gated y (B,L,E) and h_L."""
+    u, dt_pre, z (B,L,E); dt_bias, D (E,); A (E,N); Bm, Cm (B,L,N); h0 (B,E,N).  Bm, Cm and
+    z may be column blocks of larger arrays (read in place).  Returns the gated y (B,L,E)
+    and h_L; with chunk > 0 also the state before every chunk-th step (ceil(L/chunk), B, E,
+    N), what `fused_scan_backward` recomputes from."""
     dtype = np.dtype(u.dtype)
     batch, length, channels = u.shape
-    h0 = _c(h0, dtype)
+    u, dt_pre, h0 = _c(u, dtype), _c(dt_pre, dtype), _c(h0, dtype)
     h = np.empty_like(h0)  # the kernel copies h0's rows in, block by block
     y = np.empty((batch, length, channels), dtype=dtype)
+    starts = np.empty((-(-length // chunk) if chunk else 0, *h0.shape), dtype=dtype)
     kernel = _KERNELS[dtype][2]
     work = batch * length * channels * A.shape[1]
-    fixed = (u, dt_pre, _c(dt_bias, dtype), _c(A, dtype), xbc, r, _c(D, dtype), xz, h0, h, y)
+    fixed = (
+        u, dt_pre, _c(dt_bias, dtype), _c(A, dtype), *_columns(Bm, dtype),
+        *_columns(Cm, dtype), _c(D, dtype), *_columns(z, dtype), h0, h, y, starts, chunk,
+    )  # fmt: skip
     _timed("fused_scan", kernel, *fixed, np.empty(channels, dtype), 0, 0, 0, 0)
 
     def run(b0: int, b1: int, e0: int, e1: int) -> None:  # each block its own scratch row
         kernel(*fixed, np.empty(channels, dtype), b0, b1, e0, e1)
 
     run_blocks(run, batch, channels, work, threads)
-    return y, h
+    return (y, h, starts) if chunk else (y, h)
+
+
+def fused_scan_backward(
+    u, dt_pre, dt_bias, A, Bm, Cm, D, z, starts, dout, dh, *, chunk: int, threads=None
+):
+    """The backward pass of `fused_scan` (its states every `chunk` steps in `starts`): the
+    adjoint recurrence of `scan_backward` with the softplus, skip and gate folded in.
+    Returns the gradients of (u, dt_pre, dt_bias, A, Bm, Cm, D, z, h0)."""
+    dtype = np.dtype(u.dtype)
+    batch, length, channels = u.shape
+    n_state = A.shape[1]
+    u, dt_pre, starts, dout = (_c(a, dtype) for a in (u, dt_pre, starts, dout))
+    g = np.array(dh, dtype=dtype, copy=True, order="C")
+    d_u, d_dtp, d_z = np.empty_like(u), np.empty_like(u), np.empty_like(u)
+    kernel = _KERNELS[dtype][4]
+    slices = plan_blocks(batch, channels, batch * length * channels * n_state, threads)
+    # per block: its own scratch and partial sums of the reductions over channels / steps
+    parts = [
+        (
+            np.empty((chunk, e1 - e0, n_state), dtype),
+            np.empty((4, channels), dtype),
+            np.zeros((batch, length, n_state), dtype),
+            np.zeros((batch, length, n_state), dtype),
+            np.zeros(A.shape, dtype),
+            np.zeros(channels, dtype),
+            np.zeros(channels, dtype),
+        )
+        for (_, _, e0, e1) in slices
+    ]
+    fixed = (
+        u, dt_pre, _c(dt_bias, dtype), _c(A, dtype), *_columns(Bm, dtype),
+        *_columns(Cm, dtype), _c(D, dtype), *_columns(z, dtype), starts, chunk, dout, g,
+    )  # fmt: skip
+
+    def args(index: int) -> tuple:
+        hs, rows, d_b, d_c, d_a, d_d, d_bias = parts[index]
+        return (*fixed, hs, rows, d_u, d_dtp, d_z, d_b, d_c, d_a, d_d, d_bias)
+
+    _timed("fused_adjoint", kernel, *args(0), 0, 0, 0, 0)
+    run_all(lambda index: kernel(*args(index), *slices[index]), len(slices))
+    d_b, d_c, d_a, d_d, d_bias = (sum(p[k] for p in parts) for k in range(2, 7))
+    return d_u, d_dtp, d_bias, d_a, d_b, d_c, d_d, d_z, g
 
 
 #: steps between the states the training forward keeps (`scan_with_starts`)

@@ -114,7 +114,8 @@ def fused_forward(params, x, config: MambaConfig, state=None):
     dt_pre = linear(x_dbl[..., :r], p("dt_proj.weight"), xp=xp_numpy)
     a_mat = p("A") if "A" in params else -np.exp(p("A_log"))
     h0 = np.zeros((batch, e, n), dtype) if state is None else state.ssm_state
-    y, h = kernels.fused_scan(u, dt_pre, p("dt_proj.bias"), a_mat, x_dbl, r, p("D"), xz, h0)
+    b_mat, c_mat, z = x_dbl[..., r : r + n], x_dbl[..., r + n :], xz[..., e:]  # read in place
+    y, h = kernels.fused_scan(u, dt_pre, p("dt_proj.bias"), a_mat, b_mat, c_mat, p("D"), z, h0)
     out = linear(y, p("out_proj.weight"), opt("out_proj.bias", config.use_bias), xp=xp_numpy)
     return out, MambaState(conv_state, h)
 

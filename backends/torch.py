@@ -206,6 +206,45 @@ class _LinearScan(torch.autograd.Function):
         return du, d_dt, d_a, d_b, d_c, g
 
 
+class _SelectiveScan(torch.autograd.Function):
+    """The fused softplus + scan + skip + gate (`mixer_forward`'s `selective`) on the compiled
+    CPU kernels, with their backward pass: `kernels.fused_scan` keeping the state every
+    `_BACKWARD_CHUNK` steps, then `kernels.fused_scan_backward` (the adjoint recurrence of
+    `_LinearScan` with the softplus, skip and gate folded in: no autograd graph of the
+    elementwise parts, no (B, L, E) intermediates kept)."""
+
+    @staticmethod
+    def forward(ctx, u, dt_pre, dt_bias, A, Bm, Cm, D, z, h0):
+        inputs = (u, dt_pre, dt_bias, A, Bm, Cm, D, z)
+        arrays = [t.detach().numpy() for t in (*inputs, h0)]
+        y, h, starts = kernels.fused_scan(*arrays, chunk=_BACKWARD_CHUNK)
+        ctx.save_for_backward(*inputs, torch.from_numpy(starts))
+        return torch.from_numpy(y), torch.from_numpy(h)
+
+    @staticmethod
+    @torch.no_grad()
+    def backward(ctx, dy, dh):
+        *inputs, starts = ctx.saved_tensors
+        dy = torch.zeros_like(inputs[0]) if dy is None else dy
+        dh = torch.zeros_like(starts[0]) if dh is None else dh
+        arrays = [t.detach().numpy() for t in (*inputs, starts, dy, dh)]
+        grads = kernels.fused_scan_backward(*arrays, chunk=_BACKWARD_CHUNK)
+        return tuple(torch.from_numpy(g) for g in grads)
+
+
+def _selective_for(config: MambaConfig, x: Array, state, algorithm: str, compile_scan: bool,
+                   attention_mask, seq_idx):  # fmt: skip
+    """`_SelectiveScan.apply` where a call runs the fused CPU kernels through the core's
+    mixer (a call that trains; inference takes the whole fused forward, `_kernel_forward`):
+    the linear scan on CPU tensors, what `fuses` takes (Mamba-1, SiLU, float32/float64, no
+    mask or packing), not inside torch.compile; else None (the `scan` path)."""
+    if algorithm != "linear" or compile_scan or x.device.type != "cpu":
+        return None
+    if torch.compiler.is_compiling() or not fuses(x, config, state, attention_mask, seq_idx):
+        return None
+    return _SelectiveScan.apply
+
+
 def _compiled_chunk_fn(h, dt, u, Bm, Cm, A):
     """The chunk written as one expression per step, for torch.compile to fuse."""
     ys = []
@@ -358,6 +397,7 @@ def torch_forward(
     ):
         return _kernel_forward(params, x, config, state)
     scan = _scan_for(config.version, algorithm, config.chunk_size, compile_scan)
+    selective = _selective_for(config, x, state, algorithm, compile_scan, attention_mask, seq_idx)
     if seq_idx is not None and not isinstance(seq_idx, torch.Tensor):
         seq_idx = torch.as_tensor(np.asarray(seq_idx), device=x.device)
     return mixer_forward(
@@ -369,6 +409,7 @@ def torch_forward(
         xp=xp_torch,
         attention_mask=attention_mask,
         seq_idx=seq_idx,
+        selective=selective,
     )
 
 

@@ -129,23 +129,84 @@ def test_conv_kernel_matches_core_conv(rng, dtype, L):
     np.testing.assert_array_equal(new_state, ref_state)
 
 
+def fused_inputs(rng, B, L, E, N, r, dtype):
+    """Inputs of `kernels.fused_scan`, B, C and z as column blocks of larger arrays (as the
+    projections' outputs give them)."""
+    d = np.dtype(dtype)
+    inp = scan_inputs(rng, B, L, E, N, dtype)
+    xbc = rng.standard_normal((B, L, r + 2 * N)).astype(d)
+    xz = (rng.standard_normal((B, L, 2 * E)) * 6).astype(d)
+    return {
+        "u": inp["u"],
+        "dt_pre": (rng.standard_normal((B, L, E)) * 8).astype(d),  # softplus both sides of 0
+        "dt_bias": rng.standard_normal(E).astype(d),
+        "A": inp["A"],
+        "Bm": xbc[..., r : r + N],
+        "Cm": xbc[..., r + N :],
+        "D": rng.standard_normal(E).astype(d),
+        "z": xz[..., E:],
+        "h0": inp["h0"],
+    }
+
+
+FUSED_ARGS = ("u", "dt_pre", "dt_bias", "A", "Bm", "Cm", "D", "z", "h0")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_scan_matches_its_parts(rng, dtype):
-    d = np.dtype(dtype)
-    B, L, E, N, r = 2, 23, 40, 12, 5
-    inp = scan_inputs(rng, B, L, E, N, dtype)
-    dt_pre = (rng.standard_normal((B, L, E)) * 8).astype(d)  # softplus both sides of 0
-    bias = rng.standard_normal(E).astype(d)
-    xbc = rng.standard_normal((B, L, r + 2 * N)).astype(d)
-    D = rng.standard_normal(E).astype(d)
-    xz = (rng.standard_normal((B, L, 2 * E)) * 6).astype(d)
-    y, h = kernels.fused_scan(inp["u"], dt_pre, bias, inp["A"], xbc, r, D, xz, inp["h0"])
-    dt = softplus(dt_pre + bias)
-    y_ref, h_ref = npb.scan_linear(
-        inp["u"], dt, inp["A"], xbc[..., r : r + N], xbc[..., r + N :], inp["h0"]
-    )
-    assert_close(y, (y_ref + D * inp["u"]) * silu(xz[..., E:]), dtype)
+    f = fused_inputs(rng, 2, 23, 40, 12, 5, dtype)
+    y, h = kernels.fused_scan(*(f[k] for k in FUSED_ARGS))
+    dt = softplus(f["dt_pre"] + f["dt_bias"])
+    y_ref, h_ref = npb.scan_linear(f["u"], dt, f["A"], f["Bm"], f["Cm"], f["h0"])
+    assert_close(y, (y_ref + f["D"] * f["u"]) * silu(f["z"]), dtype)
     assert_close(h, h_ref, dtype)
+    # the training forward: the same numbers, and the state before every chunk-th step
+    y2, h2, starts = kernels.fused_scan(*(f[k] for k in FUSED_ARGS), chunk=8)
+    np.testing.assert_array_equal(y2, y)
+    np.testing.assert_array_equal(h2, h)
+    for index, t in enumerate(range(0, 23, 8)):
+        if t == 0:
+            np.testing.assert_array_equal(starts[0], f["h0"])
+        else:
+            cut = slice(None, t)
+            _, h_t = npb.scan_linear(f["u"][:, cut], dt[:, cut], f["A"], f["Bm"][:, cut],
+                                     f["Cm"][:, cut], f["h0"])  # fmt: skip
+            assert_close(starts[index], h_t, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 23, 40, 12, 5, 8), (1, 70, 130, 16, 4, 32)])
+def test_fused_scan_backward_matches_autograd(rng, dtype, shape):
+    # every gradient of the fused scan (softplus, scan, skip, gate) against torch autograd
+    # through a plain float64 step loop, a ragged last chunk included
+    require("torch")
+    import torch
+
+    B, L, E, N, r, chunk = shape
+    f = fused_inputs(rng, B, L, E, N, r, dtype)
+    y, h, starts = kernels.fused_scan(*(f[k] for k in FUSED_ARGS), chunk=chunk)
+    dout = rng.standard_normal(y.shape).astype(dtype)
+    dh = rng.standard_normal(h.shape).astype(dtype)
+    grads = kernels.fused_scan_backward(
+        *(f[k] for k in FUSED_ARGS[:-1]), starts, dout, dh, chunk=chunk
+    )
+
+    ref = {k: torch.tensor(np.asarray(f[k], np.float64), requires_grad=True) for k in FUSED_ARGS}
+    v = ref["dt_pre"] + ref["dt_bias"]
+    dt = torch.clamp(v, min=0) + torch.log1p(torch.exp(-v.abs()))  # F.softplus cuts off at 20
+    state, ys = ref["h0"], []
+    for t in range(L):
+        decay = torch.exp(dt[:, t, :, None] * ref["A"])
+        state = decay * state + (dt[:, t] * ref["u"][:, t])[..., None] * ref["Bm"][:, t, None]
+        ys.append((state * ref["Cm"][:, t, None]).sum(-1))
+    y_ref = (torch.stack(ys, 1) + ref["D"] * ref["u"]) * torch.nn.functional.silu(ref["z"])
+    assert_close(y, y_ref.detach().numpy(), dtype)
+    loss = (y_ref * torch.from_numpy(np.float64(dout))).sum() + (state * torch.from_numpy(
+        np.float64(dh))).sum()  # fmt: skip
+    loss.backward()
+    for name, grad in zip(FUSED_ARGS, grads, strict=True):
+        assert grad.dtype == np.dtype(dtype) and grad.shape == f[name].shape, name
+        assert_close(grad, ref[name].grad.numpy(), dtype)
 
 
 CONFIGS = [
@@ -276,7 +337,7 @@ def test_torch_cpu_inference_runs_the_kernels_and_matches_autograd_path(rng, dty
     cfg = small_config()
     model = MambaTorch(cfg, seed=2, dtype=getattr(torch, dtype))
     x = torch.from_numpy(rng.standard_normal((2, 13, cfg.hidden_size)).astype(dtype))
-    y_grad, s_grad = model(x, return_state=True)  # parameters need grad: autograd path
+    y_grad, s_grad = model(x, return_state=True)  # parameters need grad: the training path
     with torch.no_grad():
         y, s = model(x, return_state=True)  # the kernels
         step, _ = model.step(x[:, 12], model(x[:, :12], return_state=True)[1])
@@ -310,3 +371,92 @@ def test_torch_training_scan_kernels_match_the_torch_scan(rng, dtype, shape, mon
     for fast, slow in zip(*results, strict=True):
         assert fast.dtype == slow.dtype
         assert_close(fast, slow, dtype)
+
+
+def _graph_names(tensor) -> set[str]:
+    """The names of the autograd nodes behind `tensor`."""
+    seen, todo, names = set(), [tensor.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_training_runs_the_fused_kernels_and_matches_the_torch_path(rng, dtype, monkeypatch):
+    # a training call of MambaTorch on the CPU, continuing a non-zero state over a ragged last
+    # chunk (37 = 32 + 5 steps): the fused selective scan on the kernels (`_SelectiveScan`)
+    # against the same module with the kernels off (torch scan, autograd through the
+    # softplus, skip and gate): output, final state, every parameter's and the input's
+    # gradient
+    require("torch")
+    import torch
+
+    from mamba_core.backends.torch import MambaTorch
+
+    cfg = small_config(use_bias=True)
+    x_np = rng.standard_normal((2, 37, cfg.hidden_size)).astype(dtype)
+    prefix = rng.standard_normal((2, 6, cfg.hidden_size)).astype(dtype)
+    results = []
+    for compiled in (True, False):
+        monkeypatch.setattr(kernels, "_DISABLED", not compiled)
+        model = MambaTorch(cfg, seed=3, dtype=getattr(torch, dtype))
+        with torch.no_grad():
+            _, state = model(torch.from_numpy(prefix), return_state=True)
+        x = torch.tensor(x_np, requires_grad=True)
+        y, s = model(x, state=state, return_state=True)
+        assert ("_SelectiveScanBackward" in _graph_names(y)) == compiled
+        (y.square().sum() + s.ssm_state.pow(3).sum()).backward()
+        grads = [p.grad for _, p in sorted(model.named_parameters())]
+        results.append([y.detach(), s.ssm_state.detach(), s.conv_state, x.grad, *grads])
+    for fast, slow in zip(*results, strict=True):
+        assert fast.dtype == slow.dtype and fast.shape == slow.shape
+        assert_close(fast, slow, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_jax_gradient_runs_the_fused_kernels_and_matches_xla(rng, dtype, monkeypatch):
+    # jax.grad through the JAX forward on the CPU: the kernels' VJP (pure_callback) against
+    # XLA's own (the kernels off), continuing a non-zero state over a ragged last chunk; a
+    # plain forward keeps XLA's scan (no callback in its program); vmap of the gradient
+    # equals the gradient of each example
+    require("jax")
+    import jax
+    import jax.numpy as jnp
+
+    from mamba_core.backends import jax as mj
+
+    cfg = small_config(use_bias=True)
+    params = {k: jnp.asarray(v, dtype) for k, v in init_params(cfg, 4).items()}
+    x = jnp.asarray(rng.standard_normal((2, 37, cfg.hidden_size)), dtype)
+    conv0 = jnp.asarray(rng.standard_normal((2, cfg.d_inner, cfg.d_conv)), dtype)
+    h0 = jnp.asarray(rng.standard_normal((2, cfg.d_inner, cfg.d_state)), dtype)
+
+    def loss(p, v, h):
+        y, s = mj.forward(p, v, cfg, state=MambaState(conv0[: v.shape[0]], h))
+        return jnp.sum(y**2) + jnp.sum(s.ssm_state**3)
+
+    results = []
+    for compiled in (True, False):
+        monkeypatch.setattr(kernels, "_DISABLED", not compiled)
+        # fresh functions: an outer jit would keep its first trace whatever the switch says
+        grad = jax.jit(jax.grad(lambda *a: loss(*a), argnums=(0, 1, 2)))
+        # the programs XLA runs: a callback under the gradient only
+        assert ("callback" in grad.lower(params, x, h0).as_text()) == compiled
+        assert "callback" not in jax.jit(lambda *a: loss(*a)).lower(params, x, h0).as_text()
+        results.append(jax.tree.leaves(grad(params, x, h0)))
+    for fast, slow in zip(*results, strict=True):
+        assert fast.dtype == slow.dtype and fast.shape == slow.shape
+        assert_close(np.asarray(fast), np.asarray(slow), dtype)
+    # vmap over a leading axis of single examples: the callbacks run one example at a time
+    monkeypatch.setattr(kernels, "_DISABLED", False)
+    one = jax.grad(lambda p, v, h: loss(p, v[None], h[None]), argnums=(0, 1, 2))
+    batched = jax.vmap(one, in_axes=(None, 0, 0))(params, x, h0)
+    for index in range(2):
+        each = one(params, x[index], h0[index])
+        for b, e in zip(jax.tree.leaves(batched), jax.tree.leaves(each), strict=True):
+            assert_close(np.asarray(b)[index], np.asarray(e), dtype)
