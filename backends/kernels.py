@@ -288,17 +288,15 @@ if numba is not None:
             for t in range(length):
                 b_row = Bm[b, t]
                 c_row = Cm[b, t]
-                restart = keep[b, t] == 0
-                save = chunk > 0 and t % chunk == 0
-                for e in range(e0, e1):
+                if keep[b, t] == 0:  # a packed sequence starts: from a zero state
+                    h[b, e0:e1] = zero
+                if chunk > 0 and t % chunk == 0:
+                    starts[t // chunk, b, e0:e1] = h[b, e0:e1]
+                for e in range(e0, e1):  # (no branch in here: it measured 1.2-1.4x slower)
                     d = dt[b, t, e]
                     du = d * u[b, t, e]
                     h_row = h[b, e]
                     a_row = A[e]
-                    if restart:
-                        h_row[:] = zero
-                    if save:
-                        starts[t // chunk, b, e] = h_row
                     acc = zero
                     for n in range(n_state):
                         v = _exp(d * a_row[n]) * h_row[n] + du * b_row[n]
