@@ -32,6 +32,7 @@ import array_api_compat.torch as xp_torch
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from mamba_core.checks import check_input_shape, packed_index
@@ -164,7 +165,7 @@ class _LinearScan(torch.autograd.Function):
         return torch.cat(ys, dim=1), h
 
     @staticmethod
-    @torch.no_grad()
+    @once_differentiable  # its gradients are not differentiable again: say so, don't guess
     def backward(ctx, dy, dh):
         u, dt, A, Bm, Cm, starts = ctx.saved_tensors
         length = u.shape[1]
@@ -222,7 +223,7 @@ class _SelectiveScan(torch.autograd.Function):
         return torch.from_numpy(y), torch.from_numpy(h)
 
     @staticmethod
-    @torch.no_grad()
+    @once_differentiable  # its gradients are not differentiable again: say so, don't guess
     def backward(ctx, dy, dh):
         *inputs, starts = ctx.saved_tensors
         dy = torch.zeros_like(inputs[0]) if dy is None else dy

@@ -460,3 +460,19 @@ def test_jax_gradient_runs_the_fused_kernels_and_matches_xla(rng, dtype, monkeyp
         each = one(params, x[index], h0[index])
         for b, e in zip(jax.tree.leaves(batched), jax.tree.leaves(each), strict=True):
             assert_close(np.asarray(b)[index], np.asarray(e), dtype)
+
+
+def test_torch_second_derivatives_are_refused_not_wrong():
+    # the hand-written backward passes are not differentiable again: a second derivative
+    # through them raises instead of silently treating their gradients as constants
+    require("torch")
+    import torch
+
+    from mamba_core.backends.torch import MambaTorch
+
+    cfg = small_config()
+    model = MambaTorch(cfg, seed=0, dtype=torch.float64)
+    x = torch.randn(1, 9, cfg.hidden_size, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
