@@ -487,10 +487,15 @@ else:  # pragma: no cover
     _KERNELS = {}
 
 
+_DTYPE_OK: dict[Any, bool] = {}
+
+
 def supports(dtype: Any) -> bool:
     """Whether the kernels run this dtype (float32, float64; a NumPy or torch dtype)."""
-    name = str(dtype).rsplit(".", 1)[-1]  # torch.float32 -> float32
-    return available() and name in ("float32", "float64")
+    ok = _DTYPE_OK.get(dtype)
+    if ok is None:  # by name, once per dtype: torch.float32 -> float32
+        ok = _DTYPE_OK[dtype] = str(dtype).rsplit(".", 1)[-1] in ("float32", "float64")
+    return ok and available()
 
 
 def _c(a: np.ndarray, dtype) -> np.ndarray:

@@ -96,6 +96,10 @@ class BackendIO:
     def _native_float(self, value: Any, what: str):
         """`value` as a backend array of a real floating dtype (one normalisation for every
         backend: `mamba_core.checks.float_numpy` for anything not native)."""
+        if type(value) is np.ndarray and self.backend.name == "numpy":  # the decode loop's case
+            if value.dtype.kind != "f":
+                raise float_error(self.owner, what, value.dtype, self.dtype)
+            return value
         if not self.backend.is_native(value) or isinstance(value, np.ma.MaskedArray):
             return float_numpy(value, owner=self.owner, what=what, target=self.dtype)
         if not self.backend.xp.isdtype(value.dtype, "real floating"):
