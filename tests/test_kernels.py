@@ -476,3 +476,27 @@ def test_torch_second_derivatives_are_refused_not_wrong():
     (grad,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad.sum().backward()
+
+
+def test_jax_second_derivatives_raise_on_the_kernels_and_work_elsewhere(rng):
+    # the kernels' VJP runs through callbacks, which JAX cannot differentiate again: a clear
+    # error, not a wrong number; scan_type="associative" (all XLA) takes second derivatives
+    require("jax")
+    import jax
+    import jax.numpy as jnp
+
+    from mamba_core.backends import jax as mj
+
+    cfg = small_config()
+    params = {k: jnp.asarray(v) for k, v in init_params(cfg, 0).items()}
+    x = jnp.asarray(rng.standard_normal((1, 5, cfg.hidden_size)), jnp.float32)
+
+    def curvature(scan_type):
+        def f(v):
+            return jnp.sum(mj.forward(params, v, cfg, scan_type=scan_type)[0] ** 2)
+
+        return jax.grad(lambda v: jnp.sum(jax.grad(f)(v) ** 2))(x)
+
+    with pytest.raises(ValueError, match="callbacks do not support JVP"):
+        curvature("linear")
+    assert np.all(np.isfinite(np.asarray(curvature("associative"))))
