@@ -500,3 +500,43 @@ def test_jax_second_derivatives_raise_on_the_kernels_and_work_elsewhere(rng):
     with pytest.raises(ValueError, match="callbacks do not support JVP"):
         curvature("linear")
     assert np.all(np.isfinite(np.asarray(curvature("associative"))))
+
+
+_SHARDED = """
+import json
+import numpy as np, jax, jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from mamba_core import init_params
+from mamba_core.backends import jax as mj
+from tests.conftest import small_config
+cfg = small_config()
+p = {k: jnp.asarray(v) for k, v in init_params(cfg, 0).items()}
+x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 9, 16)), jnp.float32)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+grad = jax.grad(lambda p, v: jnp.sum(mj.forward(p, v, cfg)[0] ** 2))
+ref = grad(p, x)
+per_shard = jax.jit(jax.shard_map(lambda p, v: jax.lax.psum(grad(p, v), "data"), mesh=mesh,
+                                  in_specs=(P(), P("data")), out_specs=P(), check_vma=False))
+partitioned = jax.jit(grad)(p, jax.device_put(x, NamedSharding(mesh, P("data"))))
+err = lambda out: max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                      for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)))
+print(json.dumps({"devices": len(jax.devices()), "shard_map": err(per_shard(p, x)),
+                  "partitioned": err(partitioned),
+                  "callback": "callback" in per_shard.lower(p, x).as_text()}))
+"""
+
+
+def test_jax_kernel_gradients_under_shard_map_and_partitioned_inputs():
+    # the kernels' VJP on 2 forced host devices: inside shard_map (each device's callbacks on
+    # its own shard) and on inputs XLA partitions by itself (it gathers them for the callback)
+    require("jax")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env.pop("MAMBA_CORE_KERNELS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARDED], capture_output=True, text=True, cwd=ROOT, env=env,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 2 and out["callback"]
+    assert out["shard_map"] < 1e-5 and out["partitioned"] < 1e-5, out
