@@ -1,5 +1,12 @@
-"""Compiled CPU kernels for the Mamba-1 scan and decode step (numba; the optional
-`mamba-core[fast]` extra).
+"""Compiled CPU kernels for the Mamba-1 scan, forward, decode step and training backward
+(numba; the optional `mamba-core[fast]` extra).
+
+    conv_silu            the causal depthwise conv + SiLU
+    scan                 the plain selective scan (packed restarts)
+    fused_scan           softplus + scan + D skip + SiLU gate (`selective_scan_fn`), optionally
+                         keeping the state every `chunk` steps for a backward pass
+    scan_with_starts / scan_backward          the plain scan's training pair (`_LinearScan`)
+    fused_scan_backward  the fused scan's backward (PyTorch `_SelectiveScan`, JAX's VJP)
 
 What they replace, and why: the NumPy scan (`backends.numpy.scan_linear`) spends seven
 library calls per step and NumPy's own `exp`, which runs at well under one exponential per
@@ -23,8 +30,8 @@ between processes; the first call in a fresh environment compiles (about a secon
 dtype), and `compile_seconds()` says how long this process spent doing so.
 
 `available()` is False when numba is not installed or `MAMBA_CORE_KERNELS=numpy` is set;
-the NumPy and PyTorch backends then run their pure-library paths (the reference), which the
-tests hold these kernels to.
+the NumPy, PyTorch and JAX backends then run their pure-library paths (the reference), which
+the tests hold these kernels to.
 """
 
 from __future__ import annotations
