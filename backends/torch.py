@@ -233,19 +233,6 @@ class _SelectiveScan(torch.autograd.Function):
         return tuple(torch.from_numpy(g) for g in grads)
 
 
-def _selective_for(config: MambaConfig, x: Array, state, algorithm: str, compile_scan: bool,
-                   attention_mask, seq_idx):  # fmt: skip
-    """`_SelectiveScan.apply` where a call runs the fused CPU kernels through the core's
-    mixer (a call that trains; inference takes the whole fused forward, `_kernel_forward`):
-    the linear scan on CPU tensors, what `fuses` takes (Mamba-1, SiLU, float32/float64, no
-    mask or packing), not inside torch.compile; else None (the `scan` path)."""
-    if algorithm != "linear" or compile_scan or x.device.type != "cpu":
-        return None
-    if torch.compiler.is_compiling() or not fuses(x, config, state, attention_mask, seq_idx):
-        return None
-    return _SelectiveScan.apply
-
-
 def _compiled_chunk_fn(h, dt, u, Bm, Cm, A):
     """The chunk written as one expression per step, for torch.compile to fuse."""
     ys = []
@@ -355,19 +342,21 @@ def _resolve_scan(config: MambaConfig, scan_type: str | None, device: torch.devi
     return scan_type
 
 
-def _on_kernels(params, x: Array, config: MambaConfig, state, *masks) -> bool:
-    """Whether this call runs the compiled CPU kernels (`backends.kernels`, through the
-    NumPy backend's `fused_forward` on the tensors' own memory): Mamba-1 on the CPU, float32
-    or float64, nothing that needs a gradient, not inside torch.compile, and what the fused
-    forward takes (SiLU, no mask, no packing)."""
-    if x.device.type != "cpu" or not kernels.supports(x.dtype):
-        return False
-    if any(m is not None for m in masks) or torch.compiler.is_compiling():
-        return False
+def _kernel_path(params, x: Array, config: MambaConfig, state, attention_mask=None,
+                 seq_idx=None) -> str | None:  # fmt: skip
+    """Which compiled CPU path (`backends.kernels`) runs this linear-scan call: "forward" (the
+    NumPy backend's whole fused forward on the tensors' own memory: nothing needs a
+    gradient), "selective" (`_SelectiveScan`, the fused scan and its backward, under the
+    core's mixer: a call that trains), or None.  Both need what `fuses` takes (Mamba-1, SiLU,
+    float32/float64, no mask or packing), every tensor on the CPU, and no torch.compile."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
     tensors = [*params.values(), *(() if state is None else state)]
-    if _needs_grad(x, *tensors) or any(t.device.type != "cpu" for t in tensors):
-        return False
-    return fuses(x, config, state)
+    if not fuses(x, config, state, attention_mask, seq_idx):
+        return None
+    if any(t.device.type != "cpu" for t in tensors):
+        return None
+    return "selective" if _needs_grad(x, *tensors) else "forward"
 
 
 def _kernel_forward(params, x: Array, config: MambaConfig, state):
@@ -391,14 +380,13 @@ def torch_forward(
 ):
     """The mixer on torch tensors: x (B, L, H) -> (y (B, L, H), state).  Differentiable."""
     algorithm = _resolve_scan(config, scan_type, x.device)
-    if (
-        algorithm == "linear"
-        and not compile_scan
-        and _on_kernels(params, x, config, state, attention_mask, seq_idx)
-    ):
+    kernel = None
+    if algorithm == "linear" and not compile_scan:
+        kernel = _kernel_path(params, x, config, state, attention_mask, seq_idx)
+    if kernel == "forward":
         return _kernel_forward(params, x, config, state)
     scan = _scan_for(config.version, algorithm, config.chunk_size, compile_scan)
-    selective = _selective_for(config, x, state, algorithm, compile_scan, attention_mask, seq_idx)
+    selective = _SelectiveScan.apply if kernel == "selective" else None
     if seq_idx is not None and not isinstance(seq_idx, torch.Tensor):
         seq_idx = torch.as_tensor(np.asarray(seq_idx), device=x.device)
     return mixer_forward(
@@ -416,7 +404,7 @@ def torch_forward(
 
 def torch_step(params: Mapping[str, Array], state: MambaState, x_t: Array, config: MambaConfig):
     """One decode step on torch tensors: x_t (B, H) -> (y_t (B, H), state)."""
-    if _on_kernels(params, x_t, config, state):
+    if _kernel_path(params, x_t, config, state) == "forward":
         out, state = _kernel_forward(params, x_t[:, None, :], config, state)
         return out[:, 0, :], state
     return mixer_step(params, state, x_t, config, xp=xp_torch)

@@ -131,12 +131,13 @@ def check_state(
                 f"{owner}: state.{name}: expected shape {shape} {doc} for a batch of {batch}; "
                 f"received state.{name}.shape={received}"
             )
-        if not _is_real_floating(value):
+        if not is_real_floating(value):
             raise float_error(owner, f"state.{name}", value.dtype)
     return arrays
 
 
-def _is_real_floating(value: Any) -> bool:
+def is_real_floating(value: Any) -> bool:
+    """Whether an array (any library) has a real floating dtype (NumPy: without dispatch)."""
     if isinstance(value, np.ndarray):
         return value.dtype.kind == "f"
     try:

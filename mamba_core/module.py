@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import device as device_of
 
-from .checks import check_input_shape, float_error, float_numpy, packed_index
+from .checks import check_input_shape, float_error, float_numpy, is_real_floating, packed_index
 from .config import MambaConfig, resolve_config
 from .io import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, CheckpointWeights, read_checkpoint
 from .io import write_checkpoint as _write_checkpoint
@@ -96,13 +96,9 @@ class BackendIO:
     def _native_float(self, value: Any, what: str):
         """`value` as a backend array of a real floating dtype (one normalisation for every
         backend: `mamba_core.checks.float_numpy` for anything not native)."""
-        if type(value) is np.ndarray and self.backend.name == "numpy":  # the decode loop's case
-            if value.dtype.kind != "f":
-                raise float_error(self.owner, what, value.dtype, self.dtype)
-            return value
         if not self.backend.is_native(value) or isinstance(value, np.ma.MaskedArray):
             return float_numpy(value, owner=self.owner, what=what, target=self.dtype)
-        if not self.backend.xp.isdtype(value.dtype, "real floating"):
+        if not is_real_floating(value):
             raise float_error(self.owner, what, value.dtype, self.dtype)
         return value
 
