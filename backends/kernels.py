@@ -220,6 +220,9 @@ if numba is not None:
     def _zero(a):  # pragma: no cover
         raise NotImplementedError
 
+    def _one(a):  # pragma: no cover
+        raise NotImplementedError
+
     @overload(_exp, inline="always", fastmath=_FLAGS)
     def _exp_impl(x):
         if x == types.float32:
@@ -236,15 +239,23 @@ if numba is not None:
             return lambda x: _log1p64(x)
         return None
 
+    # 0 and 1 in the dtype of an array or a scalar (a float32 plus an int literal is float64
+    # in numba: the float32 kernels would silently compute in float64)
     @overload(_zero, inline="always")
-    def _zero_impl(a):  # 0 in the dtype of an array or a scalar
+    def _zero_impl(a):
         if getattr(a, "dtype", a) == types.float32:
             return lambda a: np.float32(0.0)
         return lambda a: 0.0
 
+    @overload(_one, inline="always")
+    def _one_impl(a):
+        if getattr(a, "dtype", a) == types.float32:
+            return lambda a: np.float32(1.0)
+        return lambda a: 1.0
+
     @_inline
     def _sigmoid(a):
-        one = a - a + 1  # 1 in a's type
+        one = _one(a)
         e = _exp(-abs(a))  # from exp(-|a|) only: never overflows
         return one / (one + e) if a >= 0 else e / (one + e)
 
@@ -320,33 +331,43 @@ if numba is not None:
         # outputs, or whole arrays at offset 0).  The state starts from h_in (only read) and
         # ends in h; chunk > 0: the state before every chunk-th step into starts (L/chunk, B,
         # E, N), for the backward pass.  dts: (E,) scratch
+        # The channel loops index views of the block from 0 (j = e - e0): with a start of 0
+        # LLVM drops numba's negative-index wraparound and vectorises them (from e0 it
+        # gathered and scattered lane by lane).
         length = u.shape[1]
         n_state = A.shape[1]
+        width = e1 - e0
         zero = _zero(u)
+        a_blk, bias, skip = A[e0:e1], dt_bias[e0:e1], D[e0:e1]
         for b in range(b0, b1):
             # the block's state rows start as h_in's (a copy in the loop: reading h_in in the
             # first step instead would leave LLVM unsure whether it overlaps h, unvectorised)
-            h[b, e0:e1] = h_in[b, e0:e1]
+            h_blk = h[b, e0:e1]
+            h_blk[:] = h_in[b, e0:e1]
             for t in range(length):
                 if chunk > 0 and t % chunk == 0:
-                    starts[t // chunk, b, e0:e1] = h[b, e0:e1]
-                for e in range(e0, e1):  # softplus, vectorised over channels
-                    dts[e] = _softplus(dt_pre[b, t, e] + dt_bias[e])
+                    starts[t // chunk, b, e0:e1] = h_blk
+                u_t = u[b, t, e0:e1]
+                dp_t = dt_pre[b, t, e0:e1]
+                for j in range(width):  # softplus, vectorised over channels
+                    dts[j] = _softplus(dp_t[j] + bias[j])
                 b_row = bs[b, t, ob : ob + n_state]
                 c_row = cs[b, t, oc : oc + n_state]
-                for e in range(e0, e1):
-                    d = dts[e]
-                    du = d * u[b, t, e]
-                    h_row = h[b, e]
-                    a_row = A[e]
+                for j in range(width):
+                    d = dts[j]
+                    du = d * u_t[j]
+                    h_row = h_blk[j]
+                    a_row = a_blk[j]
                     acc = zero
                     for n in range(n_state):
                         v = _exp(d * a_row[n]) * h_row[n] + du * b_row[n]
                         h_row[n] = v
                         acc += v * c_row[n]
-                    dts[e] = acc
-                for e in range(e0, e1):  # skip and gate, vectorised over channels
-                    y[b, t, e] = (dts[e] + D[e] * u[b, t, e]) * _silu(z[b, t, oz + e])
+                    dts[j] = acc
+                z_t = z[b, t, oz + e0 : oz + e1]
+                y_t = y[b, t, e0:e1]
+                for j in range(width):  # skip and gate, vectorised over channels
+                    y_t[j] = (dts[j] + skip[j] * u_t[j]) * _silu(z_t[j])
 
     @_jit
     def _fused_adjoint(u, dt_pre, dt_bias, A, bs, ob, cs, oc, D, z, oz, starts, chunk, dout, g,
@@ -362,54 +383,67 @@ if numba is not None:
         length = u.shape[1]
         n_state = A.shape[1]
         zero = _zero(u)
-        one = zero + 1
+        one = _one(u)
         for b in range(b0, b1):
             for f0 in range(e0, e1, tile):
                 f1 = min(f0 + tile, e1)
+                width = f1 - f0  # the tile's views are indexed from 0 (see `_fused_scan`)
+                a_blk, bias, skip = A[f0:f1], dt_bias[f0:f1], D[f0:f1]
+                g_blk, da_blk = g[b, f0:f1], d_a[f0:f1]
+                dd_blk, dbias_blk = d_d[f0:f1], d_bias[f0:f1]
                 for c0 in range((length - 1) // chunk * chunk, -1, -chunk):
                     c1 = min(c0 + chunk, length)
-                    hs[0, : f1 - f0] = starts[c0 // chunk, b, f0:f1]
+                    hs[0, :width] = starts[c0 // chunk, b, f0:f1]
                     for t in range(c0, c1):  # recompute the chunk's states and decays
                         k = t - c0
-                        for e in range(f0, f1):
-                            rows[0, e] = _softplus(dt_pre[b, t, e] + dt_bias[e])
+                        u_t = u[b, t, f0:f1]
+                        dp_t = dt_pre[b, t, f0:f1]
+                        for j in range(width):
+                            rows[0, j] = _softplus(dp_t[j] + bias[j])
                         b_row = bs[b, t, ob : ob + n_state]
-                        for e in range(f0, f1):
-                            d = rows[0, e]
-                            du = d * u[b, t, e]
-                            a_row = A[e]
-                            prev = hs[k, e - f0]
-                            out = hs[k + 1, e - f0]
-                            dec = aa[k, e - f0]
+                        for j in range(width):
+                            d = rows[0, j]
+                            du = d * u_t[j]
+                            a_row = a_blk[j]
+                            prev = hs[k, j]
+                            out = hs[k + 1, j]
+                            dec = aa[k, j]
                             for n in range(n_state):
                                 a = _exp(d * a_row[n])
                                 dec[n] = a
                                 out[n] = a * prev[n] + du * b_row[n]
                     for t in range(c1 - 1, c0 - 1, -1):
                         k = t - c0
-                        for e in range(f0, f1):
-                            v = dt_pre[b, t, e] + dt_bias[e]
-                            rows[0, e] = _softplus(v)
-                            rows[1, e] = _sigmoid(v)
-                            zz = z[b, t, oz + e]
+                        u_t = u[b, t, f0:f1]
+                        dp_t = dt_pre[b, t, f0:f1]
+                        z_t = z[b, t, oz + f0 : oz + f1]
+                        dout_t = dout[b, t, f0:f1]
+                        for j in range(width):
+                            v = dp_t[j] + bias[j]
+                            rows[0, j] = _softplus(v)
+                            rows[1, j] = _sigmoid(v)
+                            zz = z_t[j]
                             sz = _sigmoid(zz)
-                            rows[2, e] = dout[b, t, e] * zz * sz  # dLoss/d(h.C + D u)
-                            rows[3, e] = sz
+                            rows[2, j] = dout_t[j] * zz * sz  # dLoss/d(h.C + D u)
+                            rows[3, j] = sz
                         b_row = bs[b, t, ob : ob + n_state]
                         c_row = cs[b, t, oc : oc + n_state]
                         db_row = d_b[b, t]
                         dc_row = d_c[b, t]
-                        for e in range(f0, f1):
-                            d = rows[0, e]
-                            uu = u[b, t, e]
+                        dz_t = d_z[b, t, f0:f1]
+                        ddtp_t = d_dtp[b, t, f0:f1]
+                        du_t = d_u[b, t, f0:f1]
+                        for j in range(width):
+                            d = rows[0, j]
+                            uu = u_t[j]
                             du = d * uu
-                            dyt = rows[2, e]
-                            a_row = A[e]
-                            da_row = d_a[e]
-                            g_row = g[b, e]
-                            prev = hs[k, e - f0]
-                            cur = hs[k + 1, e - f0]
-                            dec = aa[k, e - f0]
+                            dyt = rows[2, j]
+                            a_row = a_blk[j]
+                            da_row = da_blk[j]
+                            g_row = g_blk[j]
+                            prev = hs[k, j]
+                            cur = hs[k + 1, j]
+                            dec = aa[k, j]
                             sa = zero
                             gb = zero
                             ys = zero
@@ -424,15 +458,15 @@ if numba is not None:
                                 db_row[n] += gn * du
                                 dc_row[n] += cur[n] * dyt
                                 g_row[n] = a * gn
-                            sz = rows[3, e]
-                            zz = z[b, t, oz + e]
-                            full = ys + D[e] * uu
-                            d_z[b, t, e] = dout[b, t, e] * full * sz * (one + zz * (one - sz))
-                            grad_v = (sa + uu * gb) * rows[1, e]
-                            d_dtp[b, t, e] = grad_v
-                            d_u[b, t, e] = d * gb + dyt * D[e]
-                            d_d[e] += dyt * uu
-                            d_bias[e] += grad_v
+                            sz = rows[3, j]
+                            zz = z_t[j]
+                            full = ys + skip[j] * uu
+                            dz_t[j] = dout_t[j] * full * sz * (one + zz * (one - sz))
+                            grad_v = (sa + uu * gb) * rows[1, j]
+                            ddtp_t[j] = grad_v
+                            du_t[j] = d * gb + dyt * skip[j]
+                            dd_blk[j] += dyt * uu
+                            dbias_blk[j] += grad_v
 
     @_jit
     def _scan_adjoint(u, dt, A, Bm, Cm, starts, chunk, dy, g, hs, d_u, d_dt, d_b, d_c, d_a,

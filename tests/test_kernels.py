@@ -20,6 +20,7 @@ import pytest
 from mamba_core import MambaModule, init_params, mixer_forward
 from mamba_core.backends import kernels
 from mamba_core.backends import numpy as npb
+from mamba_core.backends import threads as threads_mod
 from mamba_core.mixer import MambaState, prepare_params
 from mamba_core.ops import causal_conv1d, softplus
 from tests.conftest import require, small_config
@@ -91,6 +92,19 @@ def test_kernel_exponential_is_accurate_over_its_range(dtype):
         assert np.all(rel <= 1e-15 * (1.0 + np.abs(args) / 25.0)), rel.max()
 
 
+@pytest.mark.parametrize("name", ["_sigmoid", "_silu", "_softplus"])
+def test_kernel_helpers_compute_in_their_arguments_dtype(name):
+    # numba types float32 + an int literal as float64: a helper written that way compiles,
+    # gives float32 kernels nearly the right numbers, and runs their gate in float64 (it
+    # did: half-width vectors plus conversions).  Each helper's float32 signature returns
+    # float32, its float64 one float64.
+    helper = getattr(kernels, name)
+    helper(np.float32(0.3))
+    helper(0.3)
+    returns = {str(sig.args[0]): str(sig.return_type) for sig in helper.nopython_signatures}
+    assert returns == {"float32": "float32", "float64": "float64"}, returns
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_scan_kernel_stays_finite_for_huge_decays(rng, dtype):
     # dt*A far below the exponential's range (-1e4): the decay is (numerically) 0, never NaN
@@ -152,16 +166,30 @@ def fused_inputs(rng, B, L, E, N, r, dtype):
 FUSED_ARGS = ("u", "dt_pre", "dt_bias", "A", "Bm", "Cm", "D", "z", "h0")
 
 
+@pytest.fixture(params=[False, True], ids=["one-block", "blocks"])
+def blocks(request, monkeypatch):
+    """Thread count for the fused kernels: None (the seed-size inputs here run as one block)
+    or 3, with the thresholds lowered so that the work splits into ragged channel blocks
+    (and the backward into ragged tiles inside them): block offsets e0 > 0 are exercised."""
+    if not request.param:
+        return None
+    monkeypatch.setattr(threads_mod, "MIN_PARALLEL_WORK", 0)
+    monkeypatch.setattr(threads_mod, "_MIN_BLOCK_CHANNELS", 8)
+    monkeypatch.setattr(kernels, "_ADJOINT_TILE", 16)
+    return 3
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_scan_matches_its_parts(rng, dtype):
-    f = fused_inputs(rng, 2, 23, 40, 12, 5, dtype)
-    y, h = kernels.fused_scan(*(f[k] for k in FUSED_ARGS))
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_scan_matches_its_parts(rng, dtype, batch, blocks):
+    f = fused_inputs(rng, batch, 23, 40, 12, 5, dtype)
+    y, h = kernels.fused_scan(*(f[k] for k in FUSED_ARGS), threads=blocks)
     dt = softplus(f["dt_pre"] + f["dt_bias"])
     y_ref, h_ref = npb.scan_linear(f["u"], dt, f["A"], f["Bm"], f["Cm"], f["h0"])
     assert_close(y, (y_ref + f["D"] * f["u"]) * silu(f["z"]), dtype)
     assert_close(h, h_ref, dtype)
     # the training forward: the same numbers, and the state before every chunk-th step
-    y2, h2, starts = kernels.fused_scan(*(f[k] for k in FUSED_ARGS), chunk=8)
+    y2, h2, starts = kernels.fused_scan(*(f[k] for k in FUSED_ARGS), chunk=8, threads=blocks)
     np.testing.assert_array_equal(y2, y)
     np.testing.assert_array_equal(h2, h)
     for index, t in enumerate(range(0, 23, 8)):
@@ -176,7 +204,7 @@ def test_fused_scan_matches_its_parts(rng, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 23, 40, 12, 5, 8), (1, 70, 130, 16, 4, 32)])
-def test_fused_scan_backward_matches_autograd(rng, dtype, shape):
+def test_fused_scan_backward_matches_autograd(rng, dtype, shape, blocks):
     # every gradient of the fused scan (softplus, scan, skip, gate) against torch autograd
     # through a plain float64 step loop, a ragged last chunk included
     require("torch")
@@ -184,11 +212,11 @@ def test_fused_scan_backward_matches_autograd(rng, dtype, shape):
 
     B, L, E, N, r, chunk = shape
     f = fused_inputs(rng, B, L, E, N, r, dtype)
-    y, h, starts = kernels.fused_scan(*(f[k] for k in FUSED_ARGS), chunk=chunk)
+    y, h, starts = kernels.fused_scan(*(f[k] for k in FUSED_ARGS), chunk=chunk, threads=blocks)
     dout = rng.standard_normal(y.shape).astype(dtype)
     dh = rng.standard_normal(h.shape).astype(dtype)
     grads = kernels.fused_scan_backward(
-        *(f[k] for k in FUSED_ARGS[:-1]), starts, dout, dh, chunk=chunk
+        *(f[k] for k in FUSED_ARGS[:-1]), starts, dout, dh, chunk=chunk, threads=blocks
     )
 
     ref = {k: torch.tensor(np.asarray(f[k], np.float64), requires_grad=True) for k in FUSED_ARGS}
