@@ -1,12 +1,12 @@
 """Compiled CPU kernels for the Mamba-1 scan, forward, decode step and training backward
 (numba; the optional `mamba-core[fast]` extra).
 
-    conv_silu            the causal depthwise conv + SiLU
+    conv_silu            the causal depthwise conv + SiLU (conv_silu_backward: its backward)
     scan                 the plain selective scan (packed restarts)
     fused_scan           softplus + scan + D skip + SiLU gate (`selective_scan_fn`), optionally
                          keeping the state every `chunk` steps for a backward pass
     scan_with_starts / scan_backward          the plain scan's training pair (`_LinearScan`)
-    fused_scan_backward  the fused scan's backward (PyTorch `_SelectiveScan`, JAX's VJP)
+    fused_scan_backward  the fused scan's backward (PyTorch `_MambaInner`, JAX's VJP)
 
 What they replace, and why: the NumPy scan (`backends.numpy.scan_linear`) spends seven
 library calls per step and NumPy's own `exp`, which runs at well under one exponential per
@@ -48,6 +48,7 @@ __all__ = [
     "available",
     "compile_seconds",
     "conv_silu",
+    "conv_silu_backward",
     "fused_scan",
     "fused_scan_backward",
     "reason",
@@ -295,6 +296,61 @@ if numba is not None:
                     new_state[b, e, j] = xz[b, p, e] if p >= 0 else state[b, e, width + p]
 
     @_jit
+    def _conv_silu_adjoint(xz, w, bias, state, d_u, d_new, d_xz, d_w, d_bias, d_state, pre):
+        # the backward pass of `_conv_silu`: d_u (B,L,E) = dLoss/du, d_new (B,E,K) = dLoss/d
+        # new_state -> d_xz[..., :E] (dLoss/dx, written: the caller's buffer, whose other
+        # columns it fills itself), d_w (K,E), d_bias (E,), d_state (B,E,K) (accumulated: zero
+        # them first).  pre (E,) scratch: the conv's output before the SiLU, recomputed.
+        batch, length, channels = d_u.shape
+        width = w.shape[0]
+        one = _one(xz)
+        for b in range(batch):
+            for t in range(length):
+                d_xz[b, t, :channels] = 0
+            for j in range(width):  # the new state: the last K inputs (some from the state)
+                p = length - width + j
+                if p >= 0:
+                    dx_row = d_xz[b, p]
+                    for e in range(channels):
+                        dx_row[e] += d_new[b, e, j]
+                else:
+                    for e in range(channels):
+                        d_state[b, e, length + j] += d_new[b, e, j]
+            for t in range(length):
+                pre[:] = bias
+                for j in range(width):
+                    p = t - width + 1 + j
+                    w_row = w[j]
+                    if p >= 0:
+                        x_row = xz[b, p]
+                        for e in range(channels):
+                            pre[e] += w_row[e] * x_row[e]
+                    else:
+                        for e in range(channels):
+                            pre[e] += w_row[e] * state[b, e, width + p]
+                du_row = d_u[b, t]
+                for e in range(channels):  # d silu(v)/dv = s (1 + v (1 - s)), s = sigmoid(v)
+                    v = pre[e]
+                    sv = _sigmoid(v)
+                    g = du_row[e] * sv * (one + v * (one - sv))
+                    pre[e] = g
+                    d_bias[e] += g
+                for j in range(width):
+                    p = t - width + 1 + j
+                    w_row = w[j]
+                    dw_row = d_w[j]
+                    if p >= 0:
+                        x_row = xz[b, p]
+                        dx_row = d_xz[b, p]
+                        for e in range(channels):
+                            dx_row[e] += w_row[e] * pre[e]
+                            dw_row[e] += pre[e] * x_row[e]
+                    else:
+                        for e in range(channels):
+                            d_state[b, e, width + p] += w_row[e] * pre[e]
+                            dw_row[e] += pre[e] * state[b, e, width + p]
+
+    @_jit
     def _scan(u, dt, A, Bm, Cm, keep, h, y, starts, chunk, b0, b1, e0, e1):
         # the plain scan: h (B,E,N) updated in place; y (B,L,E) = h.C; keep (B,L) 0/1;
         # chunk > 0: the state before every chunk-th step into starts (L/chunk, B, E, N),
@@ -371,7 +427,7 @@ if numba is not None:
 
     @_jit
     def _fused_adjoint(u, dt_pre, dt_bias, A, bs, ob, cs, oc, D, z, oz, starts, chunk, dout, g,
-                       hs, aa, rows, d_u, d_dtp, d_z, d_b, d_c, d_a, d_d, d_bias, tile,
+                       hs, aa, rows, d_u, d_dtp, d_z, odz, d_b, d_c, d_a, d_d, d_bias, tile,
                        b0, b1, e0, e1):  # fmt: skip
         # the backward pass of `_fused_scan` (see `fused_scan_backward`), `tile` channels at a
         # time (their scratch stays in cache): per chunk from the end, recompute its states
@@ -379,7 +435,7 @@ if numba is not None:
         # aa (chunk, tile, N), then walk it backwards with G (g: (B,E,N), dLoss/dh) and every
         # gradient.  rows (4, E) scratch: dt, sigmoid(dt_pre + bias), dLoss/d(h.C + D u) and
         # sigmoid(z) of the current step; d_b, d_c (B,L,N), d_a (E,N), d_d, d_bias (E,) are
-        # this block's own partial sums
+        # this block's own partial sums; dLoss/dz goes to d_z[..., odz : odz + E]
         length = u.shape[1]
         n_state = A.shape[1]
         zero = _zero(u)
@@ -430,7 +486,7 @@ if numba is not None:
                         c_row = cs[b, t, oc : oc + n_state]
                         db_row = d_b[b, t]
                         dc_row = d_c[b, t]
-                        dz_t = d_z[b, t, f0:f1]
+                        dz_t = d_z[b, t, odz + f0 : odz + f1]
                         ddtp_t = d_dtp[b, t, f0:f1]
                         du_t = d_u[b, t, f0:f1]
                         for j in range(width):
@@ -521,8 +577,15 @@ if numba is not None:
                         d_u[b, t, e] = d * gb
 
     _KERNELS = {
-        np.dtype(np.float32): (_conv_silu, _scan, _fused_scan, _scan_adjoint, _fused_adjoint),
-        np.dtype(np.float64): (_conv_silu, _scan, _fused_scan, _scan_adjoint, _fused_adjoint),
+        np.dtype(dtype): (
+            _conv_silu,
+            _scan,
+            _fused_scan,
+            _scan_adjoint,
+            _fused_adjoint,
+            _conv_silu_adjoint,
+        )
+        for dtype in (np.float32, np.float64)
     }
 else:  # pragma: no cover
     _KERNELS = {}
@@ -585,6 +648,28 @@ def conv_silu(xz, weight, bias, state):
     return u, new_state
 
 
+def conv_silu_backward(xz, weight, bias, state, d_u, d_new_state, d_xz=None):
+    """The backward pass of `conv_silu`: the gradients of x = xz[..., :E], weight (E,K), bias
+    (E,) and state (B,E,K) from d_u (B,L,E) = dLoss/du and d_new_state (B,E,K).  dLoss/dx is
+    written to the first E columns of `d_xz` (a C-contiguous (B, L, >= E) buffer, allocated
+    as (B, L, E) when None): returns (d_xz, d_weight, d_bias, d_state)."""
+    dtype = np.dtype(xz.dtype)
+    batch, length, channels = d_u.shape
+    if d_xz is None:
+        d_xz = np.empty((batch, length, channels), dtype)
+    if d_xz.dtype != dtype or not d_xz.flags.c_contiguous or d_xz.shape[:2] != (batch, length):
+        raise ValueError(f"d_xz must be a C-contiguous {dtype} (B, L, >= E) buffer")
+    d_w = np.zeros((weight.shape[1], channels), dtype)
+    d_bias = np.zeros(channels, dtype)
+    d_state = np.zeros(state.shape, dtype)
+    args = (
+        _c(xz, dtype), _c(weight.T, dtype), _c(bias, dtype), _c(state, dtype), _c(d_u, dtype),
+        _c(d_new_state, dtype), d_xz, d_w, d_bias, d_state, np.empty(channels, dtype),
+    )  # fmt: skip
+    _timed("conv_silu_adjoint", _KERNELS[dtype][5], *args)
+    return d_xz, d_w.T, d_bias, d_state
+
+
 def _columns(a: np.ndarray, dtype) -> tuple[np.ndarray, int]:
     """(source, offset) with a == source[..., offset : offset + a.shape[-1]] and source
     C-contiguous: a column block of a contiguous array (B and C of x_proj's output, z of
@@ -633,17 +718,24 @@ def fused_scan(u, dt_pre, dt_bias, A, Bm, Cm, D, z, h0, *, chunk: int = 0, threa
 
 
 def fused_scan_backward(
-    u, dt_pre, dt_bias, A, Bm, Cm, D, z, starts, dout, dh, *, chunk: int, threads=None
-):
+    u, dt_pre, dt_bias, A, Bm, Cm, D, z, starts, dout, dh, *, chunk: int, threads=None,
+    d_z_into: tuple[np.ndarray, int] | None = None,
+):  # fmt: skip
     """The backward pass of `fused_scan` (its states every `chunk` steps in `starts`): the
     adjoint recurrence of `scan_backward` with the softplus, skip and gate folded in.
-    Returns the gradients of (u, dt_pre, dt_bias, A, Bm, Cm, D, z, h0)."""
+    Returns the gradients of (u, dt_pre, dt_bias, A, Bm, Cm, D, z, h0).  `d_z_into` =
+    (buffer, offset): the gradient of z is written to buffer[..., offset : offset + E] (a
+    C-contiguous (B, L, W) array: the gradient of the in_proj output z came from) and
+    returned as that view."""
     dtype = np.dtype(u.dtype)
     batch, length, channels = u.shape
     n_state = A.shape[1]
     u, dt_pre, starts, dout = (_c(a, dtype) for a in (u, dt_pre, starts, dout))
     g = np.array(dh, dtype=dtype, copy=True, order="C")
-    d_u, d_dtp, d_z = np.empty_like(u), np.empty_like(u), np.empty_like(u)
+    d_u, d_dtp = np.empty_like(u), np.empty_like(u)
+    d_z, odz = (np.empty_like(u), 0) if d_z_into is None else d_z_into
+    if d_z.dtype != dtype or not d_z.flags.c_contiguous or d_z.shape[:2] != (batch, length):
+        raise ValueError(f"d_z_into must be a C-contiguous {dtype} (B, L, W) buffer")
     kernel = _KERNELS[dtype][4]
     slices = plan_blocks(batch, channels, batch * length * channels * n_state, threads)
     tile = min(_ADJOINT_TILE, channels)
@@ -668,12 +760,12 @@ def fused_scan_backward(
 
     def args(index: int) -> tuple:
         hs, aa, rows, d_b, d_c, d_a, d_d, d_bias = parts[index]
-        return (*fixed, hs, aa, rows, d_u, d_dtp, d_z, d_b, d_c, d_a, d_d, d_bias, tile)
+        return (*fixed, hs, aa, rows, d_u, d_dtp, d_z, odz, d_b, d_c, d_a, d_d, d_bias, tile)
 
     _warm("fused_adjoint", kernel, *args(0))
     run_all(lambda index: kernel(*args(index), *slices[index]), len(slices))
     d_b, d_c, d_a, d_d, d_bias = (sum(p[k] for p in parts) for k in range(3, 8))
-    return d_u, d_dtp, d_bias, d_a, d_b, d_c, d_d, d_z, g
+    return d_u, d_dtp, d_bias, d_a, d_b, d_c, d_d, d_z[..., odz : odz + channels], g
 
 
 #: channels the fused backward kernel works through at a time (measured: 128 ran the seed

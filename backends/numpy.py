@@ -89,7 +89,7 @@ def scan_native(u, dt, A, Bm, Cm, h0, *, threads: int | None = None, keep=None):
 NATIVE_SCANS = {("mamba1", "linear"): scan_native}
 
 
-def _dense(x: np.ndarray, weight: np.ndarray, bias=None) -> np.ndarray:
+def dense(x: np.ndarray, weight: np.ndarray, bias=None) -> np.ndarray:
     """`ops.linear` straight on NumPy (one 2-D product; no namespace dispatch: a decode step
     calls four of these, and the generic wrapper's overhead measured ~20 us each)."""
     y = np.matmul(x.reshape(-1, x.shape[-1]), weight.T).reshape(*x.shape[:-1], weight.shape[0])
@@ -112,17 +112,17 @@ def fused_forward(params, x, config: MambaConfig, state=None):
     def opt(name, on: bool):
         return p(name) if on else None
 
-    xz = _dense(x, p("in_proj.weight"), opt("in_proj.bias", config.use_bias))
+    xz = dense(x, p("in_proj.weight"), opt("in_proj.bias", config.use_bias))
     conv_state = np.zeros((batch, e, config.d_conv), dtype) if state is None else state.conv_state
     conv_bias = p("conv1d.bias") if config.use_conv_bias else np.zeros(e, dtype)
     u, conv_state = kernels.conv_silu(xz, p("conv1d.weight")[:, 0, :], conv_bias, conv_state)
-    x_dbl = _dense(u, p("x_proj.weight"))
-    dt_pre = _dense(x_dbl[..., :r], p("dt_proj.weight"))
+    x_dbl = dense(u, p("x_proj.weight"))
+    dt_pre = dense(x_dbl[..., :r], p("dt_proj.weight"))
     a_mat = p("A") if "A" in params else -np.exp(p("A_log"))
     h0 = np.zeros((batch, e, n), dtype) if state is None else state.ssm_state
     b_mat, c_mat, z = x_dbl[..., r : r + n], x_dbl[..., r + n :], xz[..., e:]  # read in place
     y, h = kernels.fused_scan(u, dt_pre, p("dt_proj.bias"), a_mat, b_mat, c_mat, p("D"), z, h0)
-    out = _dense(y, p("out_proj.weight"), opt("out_proj.bias", config.use_bias))
+    out = dense(y, p("out_proj.weight"), opt("out_proj.bias", config.use_bias))
     return out, MambaState(conv_state, h)
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mamba_core.checks import check_input_shape, packed_index
@@ -207,30 +208,102 @@ class _LinearScan(torch.autograd.Function):
         return du, d_dt, d_a, d_b, d_c, g
 
 
-class _SelectiveScan(torch.autograd.Function):
-    """The fused softplus + scan + skip + gate (`mixer_forward`'s `selective`) on the compiled
-    CPU kernels, with their backward pass: `kernels.fused_scan` keeping the state every
-    `_BACKWARD_CHUNK` steps, then `kernels.fused_scan_backward` (the adjoint recurrence of
-    `_LinearScan` with the softplus, skip and gate folded in: no autograd graph of the
-    elementwise parts, no (B, L, E) intermediates kept)."""
+class _MambaInner(torch.autograd.Function):
+    """Mamba-1 from the in_proj output to the gated y (before out_proj), on the compiled CPU
+    kernels, with a hand-written backward pass: the official `mamba_inner_fn`'s split.
+
+    Forward: `kernels.conv_silu`, the x_proj and dt_proj products, `kernels.fused_scan`
+    keeping the state every `_BACKWARD_CHUNK` steps.  Backward: `kernels.fused_scan_backward`
+    (the adjoint recurrence with the softplus, skip and gate folded in), the two products'
+    gradients, `kernels.conv_silu_backward`.  dLoss/dxz is one (B, L, 2E) buffer whose halves
+    the conv's and the scan's backward write: no autograd graph of the conv, the SiLUs, the
+    splits of xz and x_proj's output or the gate, and of the (B, L, E) intermediates only u
+    and dt_pre are kept."""
 
     @staticmethod
-    def forward(ctx, u, dt_pre, dt_bias, A, Bm, Cm, D, z, h0):
-        inputs = (u, dt_pre, dt_bias, A, Bm, Cm, D, z)
-        arrays = [t.detach().numpy() for t in (*inputs, h0)]
-        y, h, starts = kernels.fused_scan(*arrays, chunk=_BACKWARD_CHUNK)
-        ctx.save_for_backward(*inputs, torch.from_numpy(starts))
-        return torch.from_numpy(y), torch.from_numpy(h)
+    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, conv_state, h0,
+                dt_rank):  # fmt: skip
+        saved = (xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, conv_state)
+        xz_, cw, cb, bias, a, d, cs, h0_ = (
+            t.detach().numpy() for t in (xz, conv_w, conv_b, dt_bias, A, D, conv_state, h0)
+        )
+        r, n, e = dt_rank, a.shape[1], cw.shape[0]
+        u, new_conv = kernels.conv_silu(np.ascontiguousarray(xz_), cw[:, 0, :], cb, cs)
+        # the products on torch's BLAS: NumPy's (OpenBLAS) leaves its threads spinning for a
+        # while after each call, which measured to slow a scan started next by up to 60%
+        u_t = torch.from_numpy(u)
+        x_dbl = F.linear(u_t, x_proj_w.detach())
+        dt_pre = F.linear(x_dbl[..., :r], dt_proj_w.detach())
+        xd = x_dbl.numpy()
+        y, h, starts = kernels.fused_scan(
+            u, dt_pre.numpy(), bias, a, xd[..., r : r + n], xd[..., r + n :], d, xz_[..., e:],
+            h0_, chunk=_BACKWARD_CHUNK,
+        )  # fmt: skip
+        ctx.dt_rank = r
+        ctx.save_for_backward(*saved, u_t, x_dbl, dt_pre, torch.from_numpy(starts))
+        return torch.from_numpy(y), torch.from_numpy(new_conv), torch.from_numpy(h)
 
     @staticmethod
     @once_differentiable  # its gradients are not differentiable again: say so, don't guess
-    def backward(ctx, dy, dh):
-        *inputs, starts = ctx.saved_tensors
-        dy = torch.zeros_like(inputs[0]) if dy is None else dy
+    def backward(ctx, dy, d_conv, dh):
+        tensors = [t.detach() for t in ctx.saved_tensors]
+        xz, cw, cb, wx, wdt, bias, a, d, cs, u, x_dbl, dt_pre, starts = tensors
+        r, n, e = ctx.dt_rank, a.shape[1], cw.shape[0]
+        dy = torch.zeros_like(u) if dy is None else dy
+        d_conv = torch.zeros_like(cs) if d_conv is None else d_conv
         dh = torch.zeros_like(starts[0]) if dh is None else dh
-        arrays = [t.detach().numpy() for t in (*inputs, starts, dy, dh)]
-        grads = kernels.fused_scan_backward(*arrays, chunk=_BACKWARD_CHUNK)
-        return tuple(torch.from_numpy(g) for g in grads)
+        xz_, xd = xz.numpy(), x_dbl.numpy()
+        d_xz = np.empty(xz_.shape, xz_.dtype)  # [dLoss/dx | dLoss/dz]
+        d_u, d_dtp, d_bias, d_a, d_b, d_c, d_d, _, d_h0 = kernels.fused_scan_backward(
+            u.numpy(), dt_pre.numpy(), bias.numpy(), a.numpy(), xd[..., r : r + n],
+            xd[..., r + n :], d.numpy(), xz_[..., e:], starts.numpy(), dy.numpy(),
+            dh.numpy(), chunk=_BACKWARD_CHUNK, d_z_into=(d_xz, e),
+        )  # fmt: skip
+        d_dtp = torch.from_numpy(d_dtp)
+        d_xdbl = torch.empty_like(x_dbl)  # [dLoss/d dt_low | dLoss/dB | dLoss/dC]
+        d_xdbl[..., :r] = d_dtp @ wdt
+        d_xdbl[..., r : r + n] = torch.from_numpy(d_b)
+        d_xdbl[..., r + n :] = torch.from_numpy(d_c)
+        d_wdt = d_dtp.reshape(-1, e).T @ x_dbl[..., :r].reshape(-1, r)
+        d_wx = d_xdbl.reshape(-1, r + 2 * n).T @ u.reshape(-1, e)
+        d_u = torch.from_numpy(d_u).add_(d_xdbl @ wx)
+        _, d_cw, d_cb, d_cs = kernels.conv_silu_backward(
+            xz_, cw.numpy()[:, 0, :], cb.numpy(), cs.numpy(), d_u.numpy(), d_conv.numpy(), d_xz
+        )  # fmt: skip
+        d_cw = np.ascontiguousarray(d_cw)[:, None, :]
+        arrays = (d_xz, d_cw, d_cb, d_bias, d_a, d_d, d_cs, d_h0)
+        d_xz, d_cw, d_cb, d_bias, d_a, d_d, d_cs, d_h0 = (torch.from_numpy(g) for g in arrays)
+        return d_xz, d_cw, d_cb, d_wx, d_wdt, d_bias, d_a, d_d, d_cs, d_h0, None
+
+
+def _kernel_train(params, x: Array, config: MambaConfig, state):
+    """The Mamba-1 mixer for a call that trains: in_proj and out_proj under autograd, all
+    between them in `_MambaInner`."""
+    dtype, e = x.dtype, config.d_inner
+
+    def p(name):
+        return params[name].to(dtype)
+
+    def opt(name, on: bool):
+        return p(name) if on else None
+
+    xz = F.linear(x, p("in_proj.weight"), opt("in_proj.bias", config.use_bias))
+    conv_b = p("conv1d.bias") if config.use_conv_bias else x.new_zeros(e)
+    a_mat = p("A") if "A" in params else -torch.exp(p("A_log"))
+    batch = x.shape[0]
+    if state is None:
+        state = MambaState(x.new_zeros((batch, e, config.d_conv)),
+                           x.new_zeros((batch, e, config.d_state)))  # fmt: skip
+    y, conv_state, h = _MambaInner.apply(
+        xz, p("conv1d.weight"), conv_b, p("x_proj.weight"), p("dt_proj.weight"),
+        p("dt_proj.bias"), a_mat, p("D"), state.conv_state, state.ssm_state, config.dt_rank,
+    )  # fmt: skip
+    out = F.linear(y, p("out_proj.weight"), opt("out_proj.bias", config.use_bias))
+    return out, MambaState(conv_state, h)
+
+
+#: mixer version -> its training call on the kernels (`_kernel_path`'s "train")
+_KERNEL_TRAINING = {"mamba1": _kernel_train}
 
 
 def _compiled_chunk_fn(h, dt, u, Bm, Cm, A):
@@ -346,9 +419,9 @@ def _kernel_path(params, x: Array, config: MambaConfig, state, attention_mask=No
                  seq_idx=None) -> str | None:  # fmt: skip
     """Which compiled CPU path (`backends.kernels`) runs this linear-scan call: "forward" (the
     NumPy backend's whole fused forward on the tensors' own memory: nothing needs a
-    gradient), "selective" (`_SelectiveScan`, the fused scan and its backward, under the
-    core's mixer: a call that trains), or None.  Both need what `fuses` takes (Mamba-1, SiLU,
-    float32/float64, no mask or packing), every tensor on the CPU, and no torch.compile."""
+    gradient), "train" (`_KERNEL_TRAINING`: in_proj and out_proj under autograd, the rest in
+    `_MambaInner`), or None.  Both need what `fuses` takes (Mamba-1, SiLU, float32/float64,
+    no mask or packing), every tensor on the CPU, and no torch.compile."""
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     tensors = [*params.values(), *(() if state is None else state)]
@@ -356,7 +429,9 @@ def _kernel_path(params, x: Array, config: MambaConfig, state, attention_mask=No
         return None
     if any(t.device.type != "cpu" for t in tensors):
         return None
-    return "selective" if _needs_grad(x, *tensors) else "forward"
+    if not _needs_grad(x, *tensors):
+        return "forward"
+    return "train" if config.version in _KERNEL_TRAINING else None
 
 
 def _kernel_forward(params, x: Array, config: MambaConfig, state):
@@ -385,8 +460,9 @@ def torch_forward(
         kernel = _kernel_path(params, x, config, state, attention_mask, seq_idx)
     if kernel == "forward":
         return _kernel_forward(params, x, config, state)
+    if kernel == "train":
+        return _KERNEL_TRAINING[config.version](params, x, config, state)
     scan = _scan_for(config.version, algorithm, config.chunk_size, compile_scan)
-    selective = _SelectiveScan.apply if kernel == "selective" else None
     if seq_idx is not None and not isinstance(seq_idx, torch.Tensor):
         seq_idx = torch.as_tensor(np.asarray(seq_idx), device=x.device)
     return mixer_forward(
@@ -398,7 +474,6 @@ def torch_forward(
         xp=xp_torch,
         attention_mask=attention_mask,
         seq_idx=seq_idx,
-        selective=selective,
     )
 
 

@@ -143,6 +143,41 @@ def test_conv_kernel_matches_core_conv(rng, dtype, L):
     np.testing.assert_array_equal(new_state, ref_state)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L", [1, 3, 41])
+def test_conv_kernel_backward_matches_autograd(rng, dtype, L):
+    # every gradient of conv + SiLU (x, weight, bias, the state in) against torch autograd
+    # through the core's conv in float64, a loss on both u and the new state; L < K - 1 reads
+    # the state past the first step.  dLoss/dx lands in the first E columns of a wider buffer
+    require("torch")
+    import torch
+
+    d = np.dtype(dtype)
+    B, E, K = 2, 24, 4
+    xz = (rng.standard_normal((B, L, 2 * E)) * 3).astype(d)
+    w = rng.standard_normal((E, 1, K)).astype(d)
+    bias = rng.standard_normal(E).astype(d)
+    state = rng.standard_normal((B, E, K)).astype(d)
+    d_u = rng.standard_normal((B, L, E)).astype(d)
+    d_new = rng.standard_normal((B, E, K)).astype(d)
+    buffer = np.full((B, L, 2 * E), 7.0, d)
+    out, d_w, d_b, d_state = kernels.conv_silu_backward(xz, w[:, 0], bias, state, d_u, d_new,
+                                                        buffer)  # fmt: skip
+    assert out is buffer
+    np.testing.assert_array_equal(buffer[..., E:], 7.0)  # the other columns untouched
+
+    ref = {k: torch.tensor(np.float64(v), requires_grad=True)
+           for k, v in {"x": xz[..., :E], "w": w, "b": bias, "s": state}.items()}  # fmt: skip
+    conv, new_state = causal_conv1d(ref["x"], ref["w"], ref["b"], ref["s"])
+    loss = (torch.nn.functional.silu(conv) * torch.from_numpy(np.float64(d_u))).sum()
+    loss = loss + (new_state * torch.from_numpy(np.float64(d_new))).sum()
+    loss.backward()
+    assert_close(buffer[..., :E], ref["x"].grad.numpy(), dtype)
+    assert_close(d_w, ref["w"].grad.numpy()[:, 0], dtype)
+    assert_close(d_b, ref["b"].grad.numpy(), dtype)
+    assert_close(d_state, ref["s"].grad.numpy(), dtype)
+
+
 def fused_inputs(rng, B, L, E, N, r, dtype):
     """Inputs of `kernels.fused_scan`, B, C and z as column blocks of larger arrays (as the
     projections' outputs give them)."""
@@ -415,19 +450,27 @@ def _graph_names(tensor) -> set[str]:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_torch_training_runs_the_fused_kernels_and_matches_the_torch_path(rng, dtype, monkeypatch):
-    # a training call of MambaTorch on the CPU, continuing a non-zero state over a ragged last
-    # chunk (37 = 32 + 5 steps): the fused selective scan on the kernels (`_SelectiveScan`)
-    # against the same module with the kernels off (torch scan, autograd through the
-    # softplus, skip and gate): output, final state, every parameter's and the input's
-    # gradient
+@pytest.mark.parametrize(
+    "overrides", [{"use_bias": True}, {"use_conv_bias": False, "d_conv": 3}], ids=["bias", "K3"]
+)
+@pytest.mark.parametrize("L", [37, 2])
+def test_torch_training_runs_the_fused_kernels_and_matches_the_torch_path(
+    rng, dtype, overrides, L, monkeypatch
+):  # fmt: skip
+    # a training call of MambaTorch on the CPU from a non-zero state that itself needs a
+    # gradient, over a ragged last chunk (37 = 32 + 5 steps) or fewer steps than the conv
+    # reaches back (2): in_proj and out_proj under autograd, the rest on the kernels
+    # (`_MambaInner`), against the same module with the kernels off (autograd through the
+    # core's conv, SiLU, projections, scan and gate): output, both final states, every
+    # parameter's gradient and those of the input and both states in, with a loss on the
+    # output and both states out
     require("torch")
     import torch
 
     from mamba_core.backends.torch import MambaTorch
 
-    cfg = small_config(use_bias=True)
-    x_np = rng.standard_normal((2, 37, cfg.hidden_size)).astype(dtype)
+    cfg = small_config(**overrides)
+    x_np = rng.standard_normal((2, L, cfg.hidden_size)).astype(dtype)
     prefix = rng.standard_normal((2, 6, cfg.hidden_size)).astype(dtype)
     results = []
     for compiled in (True, False):
@@ -435,12 +478,15 @@ def test_torch_training_runs_the_fused_kernels_and_matches_the_torch_path(rng, d
         model = MambaTorch(cfg, seed=3, dtype=getattr(torch, dtype))
         with torch.no_grad():
             _, state = model(torch.from_numpy(prefix), return_state=True)
+        state = MambaState(*(t.clone().requires_grad_(True) for t in state))
         x = torch.tensor(x_np, requires_grad=True)
         y, s = model(x, state=state, return_state=True)
-        assert ("_SelectiveScanBackward" in _graph_names(y)) == compiled
-        (y.square().sum() + s.ssm_state.pow(3).sum()).backward()
+        assert ("_MambaInnerBackward" in _graph_names(y)) == compiled
+        loss = y.square().sum() + s.ssm_state.pow(3).sum() + (s.conv_state * 0.5).exp().sum()
+        loss.backward()
         grads = [p.grad for _, p in sorted(model.named_parameters())]
-        results.append([y.detach(), s.ssm_state.detach(), s.conv_state, x.grad, *grads])
+        results.append([y.detach(), s.ssm_state.detach(), s.conv_state.detach(), x.grad,
+                        state.conv_state.grad, state.ssm_state.grad, *grads])  # fmt: skip
     for fast, slow in zip(*results, strict=True):
         assert fast.dtype == slow.dtype and fast.shape == slow.shape
         assert_close(fast, slow, dtype)
