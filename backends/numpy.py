@@ -91,17 +91,23 @@ NATIVE_SCANS = {("mamba1", "linear"): scan_native}
 
 def dense(x: np.ndarray, weight: np.ndarray, bias=None) -> np.ndarray:
     """`ops.linear` straight on NumPy (one 2-D product; no namespace dispatch: a decode step
-    calls four of these, and the generic wrapper's overhead measured ~20 us each)."""
-    y = np.matmul(x.reshape(-1, x.shape[-1]), weight.T).reshape(*x.shape[:-1], weight.shape[0])
-    return y if bias is None else y + bias
+    calls four of these, and the generic wrapper's overhead measured ~20 us each).  The
+    result owns its memory in x's leading shape, so the kernels read its column blocks (B, C,
+    z) in place (`kernels._columns`) rather than copying them."""
+    y = np.empty((*x.shape[:-1], weight.shape[0]), np.result_type(x, weight))
+    np.matmul(x.reshape(-1, x.shape[-1]), weight.T, out=y.reshape(-1, weight.shape[0]))
+    if bias is not None:
+        y += bias
+    return y
 
 
-def fused_forward(params, x, config: MambaConfig, state=None):
+def fused_forward(params, x, config: MambaConfig, state=None, *, linear=dense):
     """The Mamba-1 mixer with its elementwise work compiled: the four projections on BLAS,
     then one kernel for the causal conv + SiLU and one for the selective scan with its
     softplus, skip and gate (`backends.kernels`).  The same arithmetic as the core's
     `mixer_forward` (which the tests hold it to), without its (B, L, E) temporaries.
-    x (B, L, H) -> out (B, L, H), MambaState; `state` is not modified."""
+    x (B, L, H) -> out (B, L, H), MambaState; `state` is not modified.  `linear(x, weight,
+    bias=None)` runs the projections on NumPy arrays (`dense`: NumPy's BLAS)."""
     e, n, r = config.d_inner, config.d_state, config.dt_rank
     dtype = x.dtype
     batch = x.shape[0]
@@ -112,17 +118,17 @@ def fused_forward(params, x, config: MambaConfig, state=None):
     def opt(name, on: bool):
         return p(name) if on else None
 
-    xz = dense(x, p("in_proj.weight"), opt("in_proj.bias", config.use_bias))
+    xz = linear(x, p("in_proj.weight"), opt("in_proj.bias", config.use_bias))
     conv_state = np.zeros((batch, e, config.d_conv), dtype) if state is None else state.conv_state
     conv_bias = p("conv1d.bias") if config.use_conv_bias else np.zeros(e, dtype)
     u, conv_state = kernels.conv_silu(xz, p("conv1d.weight")[:, 0, :], conv_bias, conv_state)
-    x_dbl = dense(u, p("x_proj.weight"))
-    dt_pre = dense(x_dbl[..., :r], p("dt_proj.weight"))
+    x_dbl = linear(u, p("x_proj.weight"))
+    dt_pre = linear(x_dbl[..., :r], p("dt_proj.weight"))
     a_mat = p("A") if "A" in params else -np.exp(p("A_log"))
     h0 = np.zeros((batch, e, n), dtype) if state is None else state.ssm_state
     b_mat, c_mat, z = x_dbl[..., r : r + n], x_dbl[..., r + n :], xz[..., e:]  # read in place
     y, h = kernels.fused_scan(u, dt_pre, p("dt_proj.bias"), a_mat, b_mat, c_mat, p("D"), z, h0)
-    out = dense(y, p("out_proj.weight"), opt("out_proj.bias", config.use_bias))
+    out = linear(y, p("out_proj.weight"), opt("out_proj.bias", config.use_bias))
     return out, MambaState(conv_state, h)
 
 
