@@ -495,9 +495,9 @@ def test_torch_training_runs_the_fused_kernels_and_matches_the_torch_path(
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_jax_gradient_runs_the_fused_kernels_and_matches_xla(rng, dtype, monkeypatch):
     # jax.grad through the JAX forward on the CPU: the kernels' VJP (pure_callback) against
-    # XLA's own (the kernels off), continuing a non-zero state over a ragged last chunk; a
-    # plain forward keeps XLA's scan (no callback in its program); vmap of the gradient
-    # equals the gradient of each example
+    # XLA's own (the kernels off), continuing a non-zero state over a ragged last chunk, and
+    # the plain forward (the fused scan kernel through a callback) against XLA's scan; vmap
+    # of the gradient equals the gradient of each example
     require("jax")
     import jax
     import jax.numpy as jnp
@@ -519,10 +519,11 @@ def test_jax_gradient_runs_the_fused_kernels_and_matches_xla(rng, dtype, monkeyp
         monkeypatch.setattr(kernels, "_DISABLED", not compiled)
         # fresh functions: an outer jit would keep its first trace whatever the switch says
         grad = jax.jit(jax.grad(lambda *a: loss(*a), argnums=(0, 1, 2)))
-        # the programs XLA runs: a callback under the gradient only
+        plain = jax.jit(lambda p, v, h: mj.forward(p, v, cfg, state=MambaState(conv0, h)))
+        # the programs XLA runs: callbacks exactly when the kernels are on
         assert ("callback" in grad.lower(params, x, h0).as_text()) == compiled
-        assert "callback" not in jax.jit(lambda *a: loss(*a)).lower(params, x, h0).as_text()
-        results.append(jax.tree.leaves(grad(params, x, h0)))
+        assert ("callback" in plain.lower(params, x, h0).as_text()) == compiled
+        results.append([*jax.tree.leaves(grad(params, x, h0)), *plain(params, x, h0)[0:1]])
     for fast, slow in zip(*results, strict=True):
         assert fast.dtype == slow.dtype and fast.shape == slow.shape
         assert_close(np.asarray(fast), np.asarray(slow), dtype)
