@@ -268,26 +268,32 @@ if numba is not None:
     def _softplus(v):
         return max(v, _zero(v)) + _log1p(_exp(-abs(v)))
 
+    @_inline
+    def _conv_step(xz, w, bias, state, b, t, out):
+        # out (E,) = bias + sum_j w[j] x[b, t-K+1+j] (the conv before its SiLU), x = xz[...,
+        # :E], w (K,E); positions before 0 come from state (B,E,K: the last K inputs)
+        width = w.shape[0]
+        out[:] = bias
+        for j in range(width):
+            p = t - width + 1 + j
+            w_row = w[j]
+            if p >= 0:
+                x_row = xz[b, p]
+                for e in range(out.shape[0]):
+                    out[e] += w_row[e] * x_row[e]
+            else:  # the first steps reach into the state
+                for e in range(out.shape[0]):
+                    out[e] += w_row[e] * state[b, e, width + p]
+
     @_jit
     def _conv_silu(xz, w, bias, state, u, new_state):
-        # u[b,t,e] = silu(bias[e] + sum_j w[j,e] x[b, t-K+1+j, e]), x = xz[..., :E], w (K,E);
-        # positions before 0 come from state (B,E,K: the last K inputs, oldest first)
+        # u[b,t] = silu(`_conv_step`); new_state (B,E,K): the last K inputs, oldest first
         batch, length, channels = u.shape
         width = w.shape[0]
         for b in range(batch):
             for t in range(length):
                 u_row = u[b, t]
-                u_row[:] = bias
-                for j in range(width):
-                    p = t - width + 1 + j
-                    w_row = w[j]
-                    if p >= 0:
-                        x_row = xz[b, p]
-                        for e in range(channels):
-                            u_row[e] += w_row[e] * x_row[e]
-                    else:  # the first steps reach into the state
-                        for e in range(channels):
-                            u_row[e] += w_row[e] * state[b, e, width + p]
+                _conv_step(xz, w, bias, state, b, t, u_row)
                 for e in range(channels):
                     u_row[e] = _silu(u_row[e])
             for j in range(width):
@@ -317,17 +323,7 @@ if numba is not None:
                     for e in range(channels):
                         d_state[b, e, length + j] += d_new[b, e, j]
             for t in range(length):
-                pre[:] = bias
-                for j in range(width):
-                    p = t - width + 1 + j
-                    w_row = w[j]
-                    if p >= 0:
-                        x_row = xz[b, p]
-                        for e in range(channels):
-                            pre[e] += w_row[e] * x_row[e]
-                    else:
-                        for e in range(channels):
-                            pre[e] += w_row[e] * state[b, e, width + p]
+                _conv_step(xz, w, bias, state, b, t, pre)
                 du_row = d_u[b, t]
                 for e in range(channels):  # d silu(v)/dv = s (1 + v (1 - s)), s = sigmoid(v)
                     v = pre[e]

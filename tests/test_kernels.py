@@ -128,15 +128,22 @@ def silu(a):
     return a / (1.0 + np.exp(-a))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("L", [1, 2, 3, 5, 41])
-def test_conv_kernel_matches_core_conv(rng, dtype, L):
+def conv_inputs(rng, L, dtype):
+    """xz (B, L, 2E), weight (E, 1, K), bias (E,), state (B, E, K) of the conv kernels."""
     d = np.dtype(dtype)
     B, E, K = 2, 24, 4
     xz = (rng.standard_normal((B, L, 2 * E)) * 3).astype(d)
     w = rng.standard_normal((E, 1, K)).astype(d)
     bias = rng.standard_normal(E).astype(d)
     state = rng.standard_normal((B, E, K)).astype(d)
+    return xz, w, bias, state
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L", [1, 2, 3, 5, 41])
+def test_conv_kernel_matches_core_conv(rng, dtype, L):
+    xz, w, bias, state = conv_inputs(rng, L, dtype)
+    E = w.shape[0]
     u, new_state = kernels.conv_silu(xz, w[:, 0], bias, state)
     ref, ref_state = causal_conv1d(xz[..., :E], w, bias, state)
     assert_close(u, silu(ref), dtype)
@@ -153,11 +160,8 @@ def test_conv_kernel_backward_matches_autograd(rng, dtype, L):
     import torch
 
     d = np.dtype(dtype)
-    B, E, K = 2, 24, 4
-    xz = (rng.standard_normal((B, L, 2 * E)) * 3).astype(d)
-    w = rng.standard_normal((E, 1, K)).astype(d)
-    bias = rng.standard_normal(E).astype(d)
-    state = rng.standard_normal((B, E, K)).astype(d)
+    xz, w, bias, state = conv_inputs(rng, L, dtype)
+    (B, E, K), L = state.shape, xz.shape[1]
     d_u = rng.standard_normal((B, L, E)).astype(d)
     d_new = rng.standard_normal((B, E, K)).astype(d)
     buffer = np.full((B, L, 2 * E), 7.0, d)
