@@ -15,7 +15,7 @@ projections, one kernel for the conv and one for the scan with its softplus, ski
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import array_api_compat.numpy as xp_numpy
 import numpy as np
@@ -121,15 +121,44 @@ def fused_forward(params, x, config: MambaConfig, state=None, *, linear=dense):
     xz = linear(x, p("in_proj.weight"), opt("in_proj.bias", config.use_bias))
     conv_state = np.zeros((batch, e, config.d_conv), dtype) if state is None else state.conv_state
     conv_bias = p("conv1d.bias") if config.use_conv_bias else np.zeros(e, dtype)
-    u, conv_state = kernels.conv_silu(xz, p("conv1d.weight")[:, 0, :], conv_bias, conv_state)
-    x_dbl = linear(u, p("x_proj.weight"))
-    dt_pre = linear(x_dbl[..., :r], p("dt_proj.weight"))
     a_mat = p("A") if "A" in params else -np.exp(p("A_log"))
     h0 = np.zeros((batch, e, n), dtype) if state is None else state.ssm_state
-    b_mat, c_mat, z = x_dbl[..., r : r + n], x_dbl[..., r + n :], xz[..., e:]  # read in place
-    y, h = kernels.fused_scan(u, dt_pre, p("dt_proj.bias"), a_mat, b_mat, c_mat, p("D"), z, h0)
-    out = linear(y, p("out_proj.weight"), opt("out_proj.bias", config.use_bias))
-    return out, MambaState(conv_state, h)
+    inner = fused_inner(
+        xz, p("conv1d.weight"), conv_bias, p("x_proj.weight"), p("dt_proj.weight"),
+        p("dt_proj.bias"), a_mat, p("D"), conv_state, h0, r, linear=linear,
+    )  # fmt: skip
+    out = linear(inner.y, p("out_proj.weight"), opt("out_proj.bias", config.use_bias))
+    return out, MambaState(inner.conv_state, inner.h)
+
+
+class Inner(NamedTuple):
+    """What `fused_inner` computes: the gated y, both new states, and the intermediates a
+    backward pass needs (u, x_dbl, dt_pre; starts: the state every `chunk` steps, or an
+    empty array)."""
+
+    y: np.ndarray
+    conv_state: np.ndarray
+    h: np.ndarray
+    u: np.ndarray
+    x_dbl: np.ndarray
+    dt_pre: np.ndarray
+    starts: np.ndarray
+
+
+def fused_inner(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, conv_state, h0,
+                dt_rank: int, *, linear=dense, chunk: int = 0) -> Inner:  # fmt: skip
+    """Mamba-1 from the in_proj output xz (B, L, 2E) to the gated y (B, L, E), before
+    out_proj: the conv + SiLU kernel, the x_proj and dt_proj products (`linear`), the fused
+    scan kernel (with chunk > 0 keeping its state every `chunk` steps for a backward pass).
+    B, C and z are read in place as column blocks of x_dbl and xz."""
+    r, n, e = dt_rank, A.shape[1], conv_w.shape[0]
+    u, new_conv = kernels.conv_silu(np.ascontiguousarray(xz), conv_w[:, 0, :], conv_b, conv_state)
+    x_dbl = linear(u, x_proj_w)
+    dt_pre = linear(x_dbl[..., :r], dt_proj_w)
+    b_mat, c_mat, z = x_dbl[..., r : r + n], x_dbl[..., r + n :], xz[..., e:]
+    out = kernels.fused_scan(u, dt_pre, dt_bias, A, b_mat, c_mat, D, z, h0, chunk=chunk)
+    starts = out[2] if chunk else np.empty((0,), u.dtype)
+    return Inner(out[0], new_conv, out[1], u, x_dbl, dt_pre, starts)
 
 
 #: mixer version -> its forward with compiled elementwise work (`backends.kernels`); the

@@ -59,7 +59,7 @@ from mamba_core.ssd import SSD_ALGORITHMS, SSD_DEFAULT_CHUNK
 from mamba_core.ssd3 import SSD3_ALGORITHMS, SSD3_DEFAULT_CHUNK
 
 from . import kernels
-from .numpy import FUSED_FORWARDS, dense, fuses
+from .numpy import FUSED_FORWARDS, dense, fused_inner, fuses
 
 __all__ = [
     "HFMixerAdapter",
@@ -224,24 +224,13 @@ class _MambaInner(torch.autograd.Function):
     def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, conv_state, h0,
                 dt_rank):  # fmt: skip
         saved = (xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, conv_state)
-        xz_, cw, cb, bias, a, d, cs, h0_ = (
-            t.detach().numpy() for t in (xz, conv_w, conv_b, dt_bias, A, D, conv_state, h0)
-        )
-        r, n, e = dt_rank, a.shape[1], cw.shape[0]
-        u, new_conv = kernels.conv_silu(np.ascontiguousarray(xz_), cw[:, 0, :], cb, cs)
-        # the products on torch's BLAS: NumPy's (OpenBLAS) leaves its threads spinning for a
-        # while after each call, which measured to slow a scan started next by up to 60%
-        u_t = torch.from_numpy(u)
-        x_dbl = F.linear(u_t, x_proj_w.detach())
-        dt_pre = F.linear(x_dbl[..., :r], dt_proj_w.detach())
-        xd = x_dbl.numpy()
-        y, h, starts = kernels.fused_scan(
-            u, dt_pre.numpy(), bias, a, xd[..., r : r + n], xd[..., r + n :], d, xz_[..., e:],
-            h0_, chunk=_BACKWARD_CHUNK,
-        )  # fmt: skip
-        ctx.dt_rank = r
-        ctx.save_for_backward(*saved, u_t, x_dbl, dt_pre, torch.from_numpy(starts))
-        return torch.from_numpy(y), torch.from_numpy(new_conv), torch.from_numpy(h)
+        arrays = (t.detach().numpy() for t in (*saved, h0))
+        # the products on torch's BLAS (`_torch_linear`: see `_kernel_forward`)
+        inner = fused_inner(*arrays, dt_rank, linear=_torch_linear, chunk=_BACKWARD_CHUNK)
+        ctx.dt_rank = dt_rank
+        kept = (inner.u, inner.x_dbl, inner.dt_pre, inner.starts)
+        ctx.save_for_backward(*saved, *(torch.from_numpy(v) for v in kept))
+        return tuple(torch.from_numpy(v) for v in (inner.y, inner.conv_state, inner.h))
 
     @staticmethod
     @once_differentiable  # its gradients are not differentiable again: say so, don't guess
