@@ -50,7 +50,7 @@ from mamba_core.ssd import SSD_DEFAULT_CHUNK, ssd_chunk_associative, ssd_chunk_c
 from mamba_core.ssd3 import SSD3_ALGORITHMS, SSD3_DEFAULT_CHUNK
 
 from . import kernels
-from .numpy import fuses
+from .numpy import dense, fused_inner, fused_inner_backward, fuses, inner_operands
 
 __all__ = [
     "SCANS",
@@ -287,60 +287,137 @@ def _linear_vjp_scan(size: int, packed: bool):
 
 
 # ---------------------------------------------------------------- the compiled CPU kernels
-# On the CPU, XLA runs the linear scan's backward pass as separate small dots per step (and
-# the elementwise parts around the scan as their own passes).  The compiled kernels of
-# `backends.kernels` (numba, the optional `mamba-core[fast]` extra) run the selective scan
-# (softplus, scan, skip and gate: the official `selective_scan_fn`) and its backward pass as
-# one loop nest each over (batch, channel) blocks, called through `jax.pure_callback` (XLA's
-# CPU buffers handed over as NumPy arrays): a `jax.custom_vjp` whose primal is the fused scan
-# (measured 7% faster than XLA's own scan and elementwise passes, the callback's copies
-# included) and whose VJP is the kernels' backward.  Where a program is partitioned by XLA
-# (a `mesh`: the "model" axis shards channels) a callback would run on gathered arrays, so
-# those traces keep XLA's scan and backward, as do context-parallel stretches.  Whether the
-# kernels are on (`kernels.available()`) is a static argument of the jitted entry points, so
-# no trace outlives a switch.
+# On the CPU, XLA runs the linear scan's backward pass as separate small dots per step, the
+# elementwise parts around the scan as their own passes, and its products at 110-130
+# GFLOP/s where NumPy's BLAS does 155-175 on the same core (measured, AVX2: XLA's YNNPACK
+# and Eigen dots alike).  With the compiled kernels of `backends.kernels` (numba, the
+# optional `mamba-core[fast]` extra), a Mamba-1 layer (linear scan, SiLU, float32/float64,
+# no mask or packing) runs as one `jax.pure_callback` (XLA's CPU buffers handed over as
+# NumPy arrays) of the NumPy backend's fused forward: the four products on NumPy's BLAS,
+# the conv and the fused scan kernels.  It is a `jax.custom_vjp` whose backward pass is one
+# more callback: the products' gradients, `fused_inner_backward` (the adjoint scan and the
+# conv's backward kernels), from the (B, L, .) intermediates the forward under a VJP returns
+# (PyTorch's `_MambaInner` split, with in_proj and out_proj inside).  Where a program is
+# partitioned by XLA (a `mesh`: the "model" axis shards channels) a callback would run on
+# gathered arrays, so those traces keep XLA's layer, as do context-parallel stretches.
+# Whether the kernels are on (`kernels.available()`) is a static argument of the jitted
+# entry points, so no trace outlives a switch.
 
 
-def _selective(on: bool, config: MambaConfig, x, scan_type: str, mask, seq_idx=None):
-    """The fused selective scan with the kernels' VJP where this trace takes it (`on`: the
-    kernels are available; JAX on the CPU; the linear scan; what the NumPy backend's fused
-    forward takes: Mamba-1, SiLU, float32/float64, no mask or packing), else None."""
-    if on and scan_type == "linear" and jax.default_backend() == "cpu":
-        if fuses(x, config, None, mask, seq_idx):
-            return _host_selective()
-    return None
+def _host_layer(on: bool, config: MambaConfig, x, scan_type: str, mask, seq_idx=None) -> bool:
+    """Whether this trace runs the layer on the kernels (`on`: they are available; JAX on
+    the CPU; the linear scan; what the NumPy backend's fused forward takes)."""
+    return bool(on and scan_type == "linear" and jax.default_backend() == "cpu") and fuses(
+        x, config, None, mask, seq_idx
+    )
 
 
 def _callback(fn, shapes, *args, **kwargs):
+    """fn(*args, **kwargs) on the host, its arguments as NumPy arrays (views of XLA's CPU
+    buffers: the callback hands over `jax.Array`s)."""
+
+    def host(*arrays):
+        return fn(*(np.asarray(a) for a in arrays), **kwargs)
+
     out = [jax.ShapeDtypeStruct(shape, args[0].dtype) for shape in shapes]
-    return jax.pure_callback(functools.partial(fn, **kwargs), out, *args, vmap_method="sequential")
+    return jax.pure_callback(host, out, *args, vmap_method="sequential")
+
+
+def _host_forward(x, w_in, b_in, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, a_mat, d_skip,
+                  w_out, b_out, conv_state, h0, *, dt_rank: int, use_bias: bool,
+                  chunk: int = 0):  # fmt: skip
+    """The layer on NumPy arrays -> (out, conv_state, h); with chunk > 0 also what its
+    backward pass needs: xz, the gated y, x_dbl and the state every `chunk` steps (every
+    array a callback returns is copied into a buffer XLA allocates: the fewer, the better;
+    `fused_inner_backward` recomputes u and dt_pre)."""
+    xz = dense(x, w_in, b_in if use_bias else None)
+    inner = fused_inner(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, a_mat, d_skip,
+                        conv_state, h0, dt_rank, chunk=chunk)  # fmt: skip
+    out = dense(inner.y, w_out, b_out if use_bias else None)
+    if not chunk:
+        return out, inner.conv_state, inner.h
+    return out, inner.conv_state, inner.h, xz, inner.y, inner.x_dbl, inner.starts
+
+
+def _host_backward(x, w_in, b_in, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, a_mat, d_skip,
+                   w_out, b_out, conv_state, xz, y, x_dbl, starts, d_out, d_conv, d_h, *,
+                   dt_rank: int, use_bias: bool, chunk: int):  # fmt: skip
+    """`_host_forward`'s backward pass: the gradients of its 14 inputs."""
+
+    def rows(a):
+        return a.reshape(-1, a.shape[-1])
+
+    d_y = (rows(d_out) @ w_out).reshape(y.shape)
+    d_w_out = rows(d_out).T @ rows(y)
+    d_xz, *inner = fused_inner_backward(
+        xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, a_mat, d_skip, conv_state, x_dbl,
+        starts, d_y, d_conv, d_h, dt_rank, chunk=chunk,
+    )  # fmt: skip
+    d_x = (rows(d_xz) @ w_in).reshape(x.shape)
+    d_w_in = rows(d_xz).T @ rows(x)
+    if use_bias:
+        d_b_in, d_b_out = rows(d_xz).sum(0), rows(d_out).sum(0)
+    else:  # the zeros the layer was given in their place
+        d_b_in, d_b_out = np.zeros_like(b_in), np.zeros_like(b_out)
+    *d_inner, d_cs, d_h0 = inner
+    return d_x, d_w_in, d_b_in, *d_inner, d_w_out, d_b_out, d_cs, d_h0
 
 
 @functools.cache
-def _host_selective():
-    """selective(u, dt_pre, dt_bias, A, Bm, Cm, D, z, h0) -> (y, h_L), y = (scan(u,
-    softplus(dt_pre + dt_bias), A, Bm, Cm, h0) + D u) * silu(z) on the compiled kernels:
-    `kernels.fused_scan`, and under a VJP the same keeping the state every
-    `kernels.BACKWARD_CHUNK` steps, then `kernels.fused_scan_backward`."""
-    chunk = kernels.BACKWARD_CHUNK
+def _host_mamba1(dt_rank: int, use_bias: bool):
+    """layer(x, w_in, b_in, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, w_out, b_out,
+    conv_state, h0) -> (out, conv_state, h): `_host_forward` through a callback, its VJP
+    `_host_backward` (the forward under a VJP keeps the state every
+    `kernels.BACKWARD_CHUNK` steps)."""
+    chunk, static = kernels.BACKWARD_CHUNK, {"dt_rank": dt_rank, "use_bias": use_bias}
 
-    def primal(u, dt_pre, dt_bias, A, Bm, Cm, D, z, h0):
-        shapes = (u.shape, h0.shape)
-        return tuple(_callback(kernels.fused_scan, shapes, u, dt_pre, dt_bias, A, Bm, Cm, D, z, h0))
+    def primal(*args):
+        shapes = (args[0].shape, args[-2].shape, args[-1].shape)
+        return tuple(_callback(_host_forward, shapes, *args, **static))
 
     def fwd(*args):
-        u, h0 = args[0], args[-1]
-        starts = (-(-u.shape[1] // chunk), *h0.shape)
-        y, h, kept = _callback(kernels.fused_scan, (u.shape, h0.shape, starts), *args, chunk=chunk)
-        return (y, h), (*args[:-1], kept)
+        x, w_in, x_proj_w, h0 = args[0], args[1], args[5], args[-1]
+        (batch, length, _), e = x.shape, x_proj_w.shape[1]
+        shapes = (
+            x.shape, args[-2].shape, h0.shape, (batch, length, w_in.shape[0]), (batch, length, e),
+            (batch, length, x_proj_w.shape[0]), (-(-length // chunk), *h0.shape),
+        )  # fmt: skip
+        out, conv_state, h, *kept = _callback(_host_forward, shapes, *args, chunk=chunk, **static)
+        return (out, conv_state, h), (*args[:-1], *kept)
 
     def bwd(res, cts):
-        shapes = [a.shape for a in res[:-1]] + [res[-1].shape[1:]]
-        return tuple(_callback(kernels.fused_scan_backward, shapes, *res, *cts, chunk=chunk))
+        shapes = [a.shape for a in res[:13]] + [res[-1].shape[1:]]
+        return tuple(_callback(_host_backward, shapes, *res, *cts, chunk=chunk, **static))
 
-    selective = jax.custom_vjp(primal)
-    selective.defvjp(fwd, bwd)
-    return selective
+    layer = jax.custom_vjp(primal)
+    layer.defvjp(fwd, bwd)
+    return layer
+
+
+def _host_mixer(params, x, config: MambaConfig, state):
+    """The Mamba-1 mixer as `_host_mamba1`'s one callback (params cast to x's dtype; zeros
+    stand in for the biases a config leaves out)."""
+    dtype = x.dtype
+
+    def p(name):
+        return params[name].astype(dtype)
+
+    def zeros(shape):
+        return jnp.zeros(shape, dtype)
+
+    def bias(name, size: int):
+        return p(name) if config.use_bias else zeros((size,))
+
+    if state is not None:
+        state = MambaState(*(a.astype(dtype) for a in state))
+    operands = inner_operands(params, config, x, state, cast=p, zeros=zeros, exp=jnp.exp)
+    conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, a_mat, d_skip, conv_state, h0 = operands
+    out, conv_state, h = _host_mamba1(config.dt_rank, config.use_bias)(
+        x, p("in_proj.weight"), bias("in_proj.bias", 2 * config.d_inner), conv_w, conv_b,
+        x_proj_w, dt_proj_w, dt_bias, a_mat, d_skip, p("out_proj.weight"),
+        bias("out_proj.bias", x.shape[-1]), conv_state, h0,
+    )  # fmt: skip
+    return out, MambaState(conv_state, h)
 
 
 SCANS = tuple(_CHUNK_BODIES)
@@ -515,11 +592,11 @@ def _forward_impl(
             y, h = inner(u, dt, A, Bm, Cm, h0, **kw)
             return _constrain(y, mesh, seq(y)), _constrain(h, mesh, st(h))
 
-    selective = _selective(kernels_on and mesh is None, config, x, scan_type, mask, seq_idx)
+    if _host_layer(kernels_on and mesh is None, config, x, scan_type, mask, seq_idx):
+        return _host_mixer(params, x, config, state)
     y, new_state = mixer_forward(
-        params, x, config, state, scan=scan, xp=jnp, attention_mask=mask, seq_idx=seq_idx,
-        selective=selective,
-    )  # fmt: skip
+        params, x, config, state, scan=scan, xp=jnp, attention_mask=mask, seq_idx=seq_idx
+    )
     return _constrain(y, mesh, P(data_axis, None, None)), new_state
 
 
@@ -711,10 +788,9 @@ def _lm_impl(params, ids, states, mask, config, dtype, kernels_on):
     scan = _SCAN_BUILDERS[mixer_cfg.version](scan_type, mixer_cfg.chunk_size)
 
     def mixer(p, v, s, m):
-        selective = _selective(kernels_on, mixer_cfg, v, scan_type, m)
-        return mixer_forward(
-            p, v, mixer_cfg, s, scan=scan, xp=jnp, attention_mask=m, selective=selective
-        )
+        if _host_layer(kernels_on, mixer_cfg, v, scan_type, m):
+            return _host_mixer(p, v, mixer_cfg, s)
+        return mixer_forward(p, v, mixer_cfg, s, scan=scan, xp=jnp, attention_mask=m)
 
     return lm_forward(
         params, ids, config, states, dtype=dtype, mixer=mixer, attention_mask=mask, xp=jnp

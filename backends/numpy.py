@@ -33,7 +33,10 @@ __all__ = [
     "FUSED_FORWARDS",
     "NumpyBackend",
     "fused_forward",
+    "fused_inner",
+    "fused_inner_backward",
     "get_backend",
+    "inner_operands",
     "num_threads",
     "scan_linear",
     "scan_native",
@@ -108,9 +111,7 @@ def fused_forward(params, x, config: MambaConfig, state=None, *, linear=dense):
     `mixer_forward` (which the tests hold it to), without its (B, L, E) temporaries.
     x (B, L, H) -> out (B, L, H), MambaState; `state` is not modified.  `linear(x, weight,
     bias=None)` runs the projections on NumPy arrays (`dense`: NumPy's BLAS)."""
-    e, n, r = config.d_inner, config.d_state, config.dt_rank
     dtype = x.dtype
-    batch = x.shape[0]
 
     def p(name):
         return np.asarray(params[name], dtype=dtype)
@@ -118,17 +119,33 @@ def fused_forward(params, x, config: MambaConfig, state=None, *, linear=dense):
     def opt(name, on: bool):
         return p(name) if on else None
 
+    def zeros(shape):
+        return np.zeros(shape, dtype)
+
     xz = linear(x, p("in_proj.weight"), opt("in_proj.bias", config.use_bias))
-    conv_state = np.zeros((batch, e, config.d_conv), dtype) if state is None else state.conv_state
-    conv_bias = p("conv1d.bias") if config.use_conv_bias else np.zeros(e, dtype)
-    a_mat = p("A") if "A" in params else -np.exp(p("A_log"))
-    h0 = np.zeros((batch, e, n), dtype) if state is None else state.ssm_state
-    inner = fused_inner(
-        xz, p("conv1d.weight"), conv_bias, p("x_proj.weight"), p("dt_proj.weight"),
-        p("dt_proj.bias"), a_mat, p("D"), conv_state, h0, r, linear=linear,
-    )  # fmt: skip
+    operands = inner_operands(params, config, x, state, cast=p, zeros=zeros, exp=np.exp)
+    inner = fused_inner(xz, *operands, config.dt_rank, linear=linear)
     out = linear(inner.y, p("out_proj.weight"), opt("out_proj.bias", config.use_bias))
     return out, MambaState(inner.conv_state, inner.h)
+
+
+def inner_operands(params, config: MambaConfig, x, state, *, cast, zeros, exp) -> tuple:
+    """`fused_inner`'s operands after xz, for any array library: (conv_w, conv_b, x_proj_w,
+    dt_proj_w, dt_bias, A, D, conv_state, h0) from the official-name params (`cast(name)`:
+    one in x's dtype) and the state (None: `zeros(shape)`); no conv bias is a zero one, and
+    A is -exp(A_log) unless `prepare` stored it."""
+    e, batch = config.d_inner, x.shape[0]
+    conv_b = cast("conv1d.bias") if config.use_conv_bias else zeros((e,))
+    a_mat = cast("A") if "A" in params else -exp(cast("A_log"))
+    if state is None:
+        conv_state = zeros((batch, e, config.d_conv))
+        h0 = zeros((batch, e, config.d_state))
+    else:
+        conv_state, h0 = state.conv_state, state.ssm_state
+    conv_w, x_proj_w, dt_proj_w, dt_bias, d_skip = (
+        cast(k) for k in ("conv1d.weight", "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "D")
+    )
+    return conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, a_mat, d_skip, conv_state, h0
 
 
 class Inner(NamedTuple):
@@ -159,6 +176,40 @@ def fused_inner(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, conv_sta
     out = kernels.fused_scan(u, dt_pre, dt_bias, A, b_mat, c_mat, D, z, h0, chunk=chunk)
     starts = out[2] if chunk else np.empty((0,), u.dtype)
     return Inner(out[0], new_conv, out[1], u, x_dbl, dt_pre, starts)
+
+
+def fused_inner_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, conv_state,
+                         x_dbl, starts, dy, d_conv, dh, dt_rank: int, *, linear=dense,
+                         matmul=np.matmul, chunk: int) -> tuple:  # fmt: skip
+    """`fused_inner`'s backward pass: the gradients of (y, conv_state, h) given dy, d_conv,
+    dh, with respect to (xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, conv_state,
+    h0), in that order, from the forward's xz, x_dbl and starts (`fused_inner(...,
+    chunk=chunk)`).  u and dt_pre are recomputed (the conv kernel and `linear`, as the
+    forward ran them: two (B, L, E) arrays a training step need not keep), then
+    `fused_scan_backward` (the adjoint recurrence with the softplus, skip and gate folded in),
+    the two products' gradients (`matmul(a, b)` on NumPy arrays: NumPy's or another BLAS),
+    `conv_silu_backward`.  dLoss/dxz is one (B, L, 2E) buffer whose halves the scan's and
+    the conv's backward write."""
+    u, _ = kernels.conv_silu(np.ascontiguousarray(xz), conv_w[:, 0, :], conv_b, conv_state)
+    dt_pre = linear(x_dbl[..., :dt_rank], dt_proj_w)
+    r, n, e = dt_rank, A.shape[1], conv_w.shape[0]
+    d_xz = np.empty(xz.shape, xz.dtype)  # [dLoss/dx | dLoss/dz]
+    d_u, d_dtp, d_bias, d_a, d_b, d_c, d_d, _, d_h0 = kernels.fused_scan_backward(
+        u, dt_pre, dt_bias, A, x_dbl[..., r : r + n], x_dbl[..., r + n :], D, xz[..., e:],
+        starts, dy, dh, chunk=chunk, d_z_into=(d_xz, e),
+    )  # fmt: skip
+    d_xdbl = np.empty(x_dbl.shape, x_dbl.dtype)  # [dLoss/d dt_low | dLoss/dB | dLoss/dC]
+    d_xdbl[..., :r] = matmul(d_dtp, dt_proj_w)
+    d_xdbl[..., r : r + n] = d_b
+    d_xdbl[..., r + n :] = d_c
+    d_wdt = matmul(d_dtp.reshape(-1, e).T, x_dbl[..., :r].reshape(-1, r))
+    d_wx = matmul(d_xdbl.reshape(-1, r + 2 * n).T, u.reshape(-1, e))
+    d_u += matmul(d_xdbl, x_proj_w)
+    _, d_cw, d_cb, d_cs = kernels.conv_silu_backward(
+        xz, conv_w[:, 0, :], conv_b, conv_state, d_u, d_conv, d_xz
+    )  # fmt: skip
+    d_cw = np.ascontiguousarray(d_cw)[:, None, :]
+    return d_xz, d_cw, d_cb, d_wx, d_wdt, d_bias, d_a, d_d, d_cs, d_h0
 
 
 #: mixer version -> its forward with compiled elementwise work (`backends.kernels`); the

@@ -59,7 +59,14 @@ from mamba_core.ssd import SSD_ALGORITHMS, SSD_DEFAULT_CHUNK
 from mamba_core.ssd3 import SSD3_ALGORITHMS, SSD3_DEFAULT_CHUNK
 
 from . import kernels
-from .numpy import FUSED_FORWARDS, dense, fused_inner, fuses
+from .numpy import (
+    FUSED_FORWARDS,
+    dense,
+    fused_inner,
+    fused_inner_backward,
+    fuses,
+    inner_operands,
+)
 
 __all__ = [
     "HFMixerAdapter",
@@ -213,12 +220,13 @@ class _MambaInner(torch.autograd.Function):
     kernels, with a hand-written backward pass: the official `mamba_inner_fn`'s split.
 
     Forward: `kernels.conv_silu`, the x_proj and dt_proj products, `kernels.fused_scan`
-    keeping the state every `_BACKWARD_CHUNK` steps.  Backward: `kernels.fused_scan_backward`
-    (the adjoint recurrence with the softplus, skip and gate folded in), the two products'
-    gradients, `kernels.conv_silu_backward`.  dLoss/dxz is one (B, L, 2E) buffer whose halves
-    the conv's and the scan's backward write: no autograd graph of the conv, the SiLUs, the
-    splits of xz and x_proj's output or the gate, and of the (B, L, E) intermediates only u
-    and dt_pre are kept."""
+    keeping the state every `kernels.BACKWARD_CHUNK` steps.  Backward:
+    `fused_inner_backward` (the adjoint recurrence with the softplus, skip and gate folded
+    in, the two products' gradients, `kernels.conv_silu_backward`).  dLoss/dxz is one (B, L,
+    2E) buffer whose halves the conv's and the scan's backward write: no autograd graph of
+    the conv, the SiLUs, the splits of xz and x_proj's output or the gate; of the
+    intermediates only x_dbl and the states every `kernels.BACKWARD_CHUNK` steps are kept
+    (u and dt_pre are recomputed)."""
 
     @staticmethod
     def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, conv_state, h0,
@@ -226,49 +234,36 @@ class _MambaInner(torch.autograd.Function):
         saved = (xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, conv_state)
         arrays = (t.detach().numpy() for t in (*saved, h0))
         # the products on torch's BLAS (`_torch_linear`: see `_kernel_forward`)
-        inner = fused_inner(*arrays, dt_rank, linear=_torch_linear, chunk=_BACKWARD_CHUNK)
+        chunk = kernels.BACKWARD_CHUNK
+        inner = fused_inner(*arrays, dt_rank, linear=_torch_linear, chunk=chunk)
         ctx.dt_rank = dt_rank
-        kept = (inner.u, inner.x_dbl, inner.dt_pre, inner.starts)
-        ctx.save_for_backward(*saved, *(torch.from_numpy(v) for v in kept))
+        ctx.save_for_backward(*saved, *(torch.from_numpy(v) for v in (inner.x_dbl, inner.starts)))
         return tuple(torch.from_numpy(v) for v in (inner.y, inner.conv_state, inner.h))
 
     @staticmethod
     @once_differentiable  # its gradients are not differentiable again: say so, don't guess
     def backward(ctx, dy, d_conv, dh):
         tensors = [t.detach() for t in ctx.saved_tensors]
-        xz, cw, cb, wx, wdt, bias, a, d, cs, u, x_dbl, dt_pre, starts = tensors
-        r, n, e = ctx.dt_rank, a.shape[1], cw.shape[0]
-        dy = torch.zeros_like(u) if dy is None else dy
+        xz, cs, starts = tensors[0], tensors[8], tensors[-1]
+        dy = xz.new_zeros((*xz.shape[:2], xz.shape[2] // 2)) if dy is None else dy
         d_conv = torch.zeros_like(cs) if d_conv is None else d_conv
         dh = torch.zeros_like(starts[0]) if dh is None else dh
-        xz_, xd = xz.numpy(), x_dbl.numpy()
-        d_xz = np.empty(xz_.shape, xz_.dtype)  # [dLoss/dx | dLoss/dz]
-        d_u, d_dtp, d_bias, d_a, d_b, d_c, d_d, _, d_h0 = kernels.fused_scan_backward(
-            u.numpy(), dt_pre.numpy(), bias.numpy(), a.numpy(), xd[..., r : r + n],
-            xd[..., r + n :], d.numpy(), xz_[..., e:], starts.numpy(), dy.numpy(),
-            dh.numpy(), chunk=_BACKWARD_CHUNK, d_z_into=(d_xz, e),
+        grads = fused_inner_backward(
+            *(t.numpy() for t in (*tensors, dy, d_conv, dh)), ctx.dt_rank,
+            linear=_torch_linear, matmul=_torch_matmul, chunk=kernels.BACKWARD_CHUNK,
         )  # fmt: skip
-        d_dtp = torch.from_numpy(d_dtp)
-        d_xdbl = torch.empty_like(x_dbl)  # [dLoss/d dt_low | dLoss/dB | dLoss/dC]
-        d_xdbl[..., :r] = d_dtp @ wdt
-        d_xdbl[..., r : r + n] = torch.from_numpy(d_b)
-        d_xdbl[..., r + n :] = torch.from_numpy(d_c)
-        d_wdt = d_dtp.reshape(-1, e).T @ x_dbl[..., :r].reshape(-1, r)
-        d_wx = d_xdbl.reshape(-1, r + 2 * n).T @ u.reshape(-1, e)
-        d_u = torch.from_numpy(d_u).add_(d_xdbl @ wx)
-        _, d_cw, d_cb, d_cs = kernels.conv_silu_backward(
-            xz_, cw.numpy()[:, 0, :], cb.numpy(), cs.numpy(), d_u.numpy(), d_conv.numpy(), d_xz
-        )  # fmt: skip
-        d_cw = np.ascontiguousarray(d_cw)[:, None, :]
-        arrays = (d_xz, d_cw, d_cb, d_bias, d_a, d_d, d_cs, d_h0)
-        d_xz, d_cw, d_cb, d_bias, d_a, d_d, d_cs, d_h0 = (torch.from_numpy(g) for g in arrays)
-        return d_xz, d_cw, d_cb, d_wx, d_wdt, d_bias, d_a, d_d, d_cs, d_h0, None
+        return (*(torch.from_numpy(g) for g in grads), None)
+
+
+def _torch_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`fused_inner_backward`'s products on torch's BLAS (NumPy views in, a new array out)."""
+    return torch.matmul(torch.from_numpy(a), torch.from_numpy(b)).numpy()
 
 
 def _kernel_train(params, x: Array, config: MambaConfig, state):
     """The Mamba-1 mixer for a call that trains: in_proj and out_proj under autograd, all
     between them in `_MambaInner`."""
-    dtype, e = x.dtype, config.d_inner
+    dtype = x.dtype
 
     def p(name):
         return params[name].to(dtype)
@@ -276,17 +271,12 @@ def _kernel_train(params, x: Array, config: MambaConfig, state):
     def opt(name, on: bool):
         return p(name) if on else None
 
+    def zeros(shape):
+        return x.new_zeros(shape)
+
     xz = F.linear(x, p("in_proj.weight"), opt("in_proj.bias", config.use_bias))
-    conv_b = p("conv1d.bias") if config.use_conv_bias else x.new_zeros(e)
-    a_mat = p("A") if "A" in params else -torch.exp(p("A_log"))
-    batch = x.shape[0]
-    if state is None:
-        state = MambaState(x.new_zeros((batch, e, config.d_conv)),
-                           x.new_zeros((batch, e, config.d_state)))  # fmt: skip
-    y, conv_state, h = _MambaInner.apply(
-        xz, p("conv1d.weight"), conv_b, p("x_proj.weight"), p("dt_proj.weight"),
-        p("dt_proj.bias"), a_mat, p("D"), state.conv_state, state.ssm_state, config.dt_rank,
-    )  # fmt: skip
+    operands = inner_operands(params, config, x, state, cast=p, zeros=zeros, exp=torch.exp)
+    y, conv_state, h = _MambaInner.apply(xz, *operands, config.dt_rank)
     out = F.linear(y, p("out_proj.weight"), opt("out_proj.bias", config.use_bias))
     return out, MambaState(conv_state, h)
 

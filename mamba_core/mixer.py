@@ -106,17 +106,14 @@ def mixer_forward(
     xp=None,
     attention_mask: Array | None = None,
     seq_idx: Array | None = None,
-    selective: ScanFn | None = None,
 ):
     """The mixer over a whole sequence: x (B, L, hidden) -> (out (B, L, hidden), state).
 
     `scan` replaces the core's scan for `config.scan_type` (a backend's native kernel);
     `attention_mask` (B, L) of 0/1 (1 = real token) leaves padded positions out; `seq_idx`
     (B, L) integers, non-decreasing: packed sequences, each as if run on its own (the state
-    returned is the last sequence's).  `selective`: a backend's fused softplus + scan + skip
-    + gate, for the mixers that take one (Mamba-1: see its `forward`).
+    returned is the last sequence's).
     """
-    fused = {} if selective is None else {"selective": selective}
     return mixer_for(config).forward(
         params,
         x,
@@ -126,7 +123,6 @@ def mixer_forward(
         xp=xp,
         attention_mask=attention_mask,
         seq_idx=seq_idx,
-        **fused,
     )
 
 

@@ -457,12 +457,13 @@ def _graph_names(tensor) -> set[str]:
 @pytest.mark.parametrize(
     "overrides", [{"use_bias": True}, {"use_conv_bias": False, "d_conv": 3}], ids=["bias", "K3"]
 )
-@pytest.mark.parametrize("L", [37, 2])
+@pytest.mark.parametrize("L", [70, 2])
 def test_torch_training_runs_the_fused_kernels_and_matches_the_torch_path(
     rng, dtype, overrides, L, monkeypatch
 ):  # fmt: skip
     # a training call of MambaTorch on the CPU from a non-zero state that itself needs a
-    # gradient, over a ragged last chunk (37 = 32 + 5 steps) or fewer steps than the conv
+    # gradient, over a ragged last chunk (70 = 64 + 6 steps: `kernels.BACKWARD_CHUNK`) or
+    # fewer steps than the conv
     # reaches back (2): in_proj and out_proj under autograd, the rest on the kernels
     # (`_MambaInner`), against the same module with the kernels off (autograd through the
     # core's conv, SiLU, projections, scan and gate): output, both final states, every
@@ -497,46 +498,53 @@ def test_torch_training_runs_the_fused_kernels_and_matches_the_torch_path(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_jax_gradient_runs_the_fused_kernels_and_matches_xla(rng, dtype, monkeypatch):
-    # jax.grad through the JAX forward on the CPU: the kernels' VJP (pure_callback) against
-    # XLA's own (the kernels off), continuing a non-zero state over a ragged last chunk, and
-    # the plain forward (the fused scan kernel through a callback) against XLA's scan; vmap
-    # of the gradient equals the gradient of each example
+@pytest.mark.parametrize(
+    "overrides", [{"use_bias": True}, {"use_conv_bias": False, "d_conv": 3}], ids=["bias", "K3"]
+)
+@pytest.mark.parametrize("L", [70, 2])
+def test_jax_layer_runs_on_the_kernels_and_matches_xla(rng, dtype, overrides, L, monkeypatch):
+    # the JAX Mamba-1 layer on the CPU as one callback of the kernels (`_host_mamba1`), its
+    # gradients as another, against XLA's layer (the kernels off): from non-zero states over
+    # a ragged last chunk (70 = 64 + 6 steps: `kernels.BACKWARD_CHUNK`) or fewer steps than
+    # the conv reaches back (2), with a loss on the output and both states out: every
+    # parameter's gradient and those of the input and both states in, and the plain forward;
+    # vmap of the gradient equals the gradient of each example
     require("jax")
     import jax
     import jax.numpy as jnp
 
     from mamba_core.backends import jax as mj
 
-    cfg = small_config(use_bias=True)
+    cfg = small_config(**overrides)
     params = {k: jnp.asarray(v, dtype) for k, v in init_params(cfg, 4).items()}
-    x = jnp.asarray(rng.standard_normal((2, 37, cfg.hidden_size)), dtype)
+    x = jnp.asarray(rng.standard_normal((2, L, cfg.hidden_size)), dtype)
     conv0 = jnp.asarray(rng.standard_normal((2, cfg.d_inner, cfg.d_conv)), dtype)
     h0 = jnp.asarray(rng.standard_normal((2, cfg.d_inner, cfg.d_state)), dtype)
 
-    def loss(p, v, h):
-        y, s = mj.forward(p, v, cfg, state=MambaState(conv0[: v.shape[0]], h))
-        return jnp.sum(y**2) + jnp.sum(s.ssm_state**3)
+    def loss(p, v, c, h):
+        y, s = mj.forward(p, v, cfg, state=MambaState(c, h))
+        return jnp.sum(y**2) + jnp.sum(s.ssm_state**3) + jnp.sum(jnp.exp(s.conv_state * 0.5))
 
     results = []
     for compiled in (True, False):
         monkeypatch.setattr(kernels, "_DISABLED", not compiled)
         # fresh functions: an outer jit would keep its first trace whatever the switch says
-        grad = jax.jit(jax.grad(lambda *a: loss(*a), argnums=(0, 1, 2)))
-        plain = jax.jit(lambda p, v, h: mj.forward(p, v, cfg, state=MambaState(conv0, h)))
+        grad = jax.jit(jax.grad(lambda *a: loss(*a), argnums=(0, 1, 2, 3)))
+        plain = jax.jit(lambda p, v, c, h: mj.forward(p, v, cfg, state=MambaState(c, h)))
         # the programs XLA runs: callbacks exactly when the kernels are on
-        assert ("callback" in grad.lower(params, x, h0).as_text()) == compiled
-        assert ("callback" in plain.lower(params, x, h0).as_text()) == compiled
-        results.append([*jax.tree.leaves(grad(params, x, h0)), *plain(params, x, h0)[0:1]])
+        assert ("callback" in grad.lower(params, x, conv0, h0).as_text()) == compiled
+        assert ("callback" in plain.lower(params, x, conv0, h0).as_text()) == compiled
+        results.append([*jax.tree.leaves(grad(params, x, conv0, h0)),
+                        *jax.tree.leaves(plain(params, x, conv0, h0))])  # fmt: skip
     for fast, slow in zip(*results, strict=True):
         assert fast.dtype == slow.dtype and fast.shape == slow.shape
         assert_close(np.asarray(fast), np.asarray(slow), dtype)
     # vmap over a leading axis of single examples: the callbacks run one example at a time
     monkeypatch.setattr(kernels, "_DISABLED", False)
-    one = jax.grad(lambda p, v, h: loss(p, v[None], h[None]), argnums=(0, 1, 2))
-    batched = jax.vmap(one, in_axes=(None, 0, 0))(params, x, h0)
+    one = jax.grad(lambda p, v, c, h: loss(p, v[None], c[None], h[None]), argnums=(0, 1, 2, 3))
+    batched = jax.vmap(one, in_axes=(None, 0, 0, 0))(params, x, conv0, h0)
     for index in range(2):
-        each = one(params, x[index], h0[index])
+        each = one(params, x[index], conv0[index], h0[index])
         for b, e in zip(jax.tree.leaves(batched), jax.tree.leaves(each), strict=True):
             assert_close(np.asarray(b)[index], np.asarray(e), dtype)
 

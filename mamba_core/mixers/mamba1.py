@@ -196,7 +196,6 @@ def forward(
     xp=None,
     attention_mask: Array | None = None,
     seq_idx: Array | None = None,
-    selective: ScanFn | None = None,
 ) -> tuple[Array, MambaState]:
     """The mixer over a whole sequence.
 
@@ -210,12 +209,6 @@ def forward(
     input 0), so real positions of a left-padded row equal the unpadded run.
     `seq_idx` (B, L) integers: packed sequences; at every change the conv sees nothing of
     the previous sequence and the SSM state restarts from zero (`scan(..., keep=...)`).
-
-    `selective(u, dt_pre, dt_bias, A, Bm, Cm, D, z, h0) -> (y, h)`, where the caller has one
-    (a backend's fused kernel, the official `selective_scan_fn` with delta_bias,
-    delta_softplus, D and z; SiLU gate, no mask or packing: the caller checks), replaces the
-    softplus, the scan, the skip and the gate: y = (scan(u, softplus(dt_pre + dt_bias), A,
-    Bm, Cm, h0) + D u) * silu(z), all in the scan dtype.
 
     Returns out (B, L, H) in x's dtype and the state after the last token.
     """
@@ -261,17 +254,13 @@ def forward(
     u_s = cast(u, sdtype, xp)
     b_mat, c_mat = cast(b_mat, sdtype, xp), cast(c_mat, sdtype, xp)
     d_skip = cast(params["D"], sdtype, xp)
-    if selective is not None:  # softplus, scan, skip and gate in one fused call
-        y, h = selective(u_s, dt_pre, dt_bias, a_mat, b_mat, c_mat, d_skip, cast(z, sdtype, xp), h0)
-        y = cast(y, dtype, xp)
-    else:
-        dt = softplus(dt_pre + dt_bias, xp=xp)
-        if attention_mask is not None:
-            dt = dt * cast(attention_mask, sdtype, xp)[..., None]
-        packed = {} if seq_idx is None else {"keep": packed_keep(seq_idx, sdtype, xp=xp)}
-        y, h = scan(u_s, dt, a_mat, b_mat, c_mat, h0, **packed)
-        y = y + u_s * d_skip
-        y = cast(y, dtype, xp) * act(z, xp=xp)
+    dt = softplus(dt_pre + dt_bias, xp=xp)
+    if attention_mask is not None:
+        dt = dt * cast(attention_mask, sdtype, xp)[..., None]
+    packed = {} if seq_idx is None else {"keep": packed_keep(seq_idx, sdtype, xp=xp)}
+    y, h = scan(u_s, dt, a_mat, b_mat, c_mat, h0, **packed)
+    y = y + u_s * d_skip
+    y = cast(y, dtype, xp) * act(z, xp=xp)
     out = linear(y, p("out_proj.weight"), p("out_proj.bias") if config.use_bias else None, xp=xp)
     return out, MambaState(new_conv_state, own(h, xp=xp))
 
