@@ -558,9 +558,10 @@ def _checked_state(state, x, config: MambaConfig, owner: str) -> MambaState | No
     sdtype = scan_dtype(x.dtype, config, xp=jnp)
 
     def convert(value, field):
-        if not isinstance(value, jax.Array):
-            value = to_numpy(value)
-        return jnp.asarray(value, dtype=sdtype if state_dtype_field(config, field) else x.dtype)
+        dtype = sdtype if state_dtype_field(config, field) else x.dtype
+        if isinstance(value, jax.Array):  # tracers too; as it is when its dtype is already
+            return value if value.dtype == dtype else value.astype(dtype)
+        return jnp.asarray(to_numpy(value), dtype=dtype)
 
     return validate_state(state, config, x.shape[0], owner=owner, convert=convert)
 
@@ -919,6 +920,10 @@ class JaxBackend(Backend):
     def asarray(self, value: Any, dtype=None, device=None):
         if isinstance(value, jax.core.Tracer):
             return value if dtype is None or value.dtype == dtype else value.astype(dtype)
+        if isinstance(value, jax.Array) and (dtype is None or value.dtype == dtype):
+            devices = value.devices()
+            if device is None or len(devices) > 1 or devices == {device}:
+                return value  # already as asked (a decode loop's every step: no conversion)
         if not isinstance(value, (jax.Array, np.ndarray)):
             value = to_numpy(value)
         arr = jnp.asarray(value, dtype=dtype)

@@ -51,6 +51,20 @@ def test_second_call_does_not_recompile(rng):
     assert mj.trace_count("step") == steps + 1
 
 
+def test_asarray_keeps_a_matching_array_and_converts_the_rest(rng):
+    # a decode loop hands its own arrays back every step: those pass through untouched;
+    # another dtype or a NumPy input is converted onto the device
+    backend = mj.get_backend()
+    device = jax.devices()[0]
+    a = jnp.asarray(rng.standard_normal((2, 3)), jnp.float32)
+    assert backend.asarray(a, jnp.float32, device) is a
+    assert backend.asarray(a) is a
+    b = backend.asarray(a, jnp.bfloat16, device)
+    assert b.dtype == jnp.bfloat16 and b.devices() == {device}
+    c = backend.asarray(np.ones((2, 3), np.float64), jnp.float32, device)
+    assert isinstance(c, jax.Array) and c.dtype == jnp.float32 and c.devices() == {device}
+
+
 def test_functional_api_under_jit_grad_and_vmap(rng):
     cfg = small_config()
     params = jparams(cfg, 3)
