@@ -213,8 +213,9 @@ def plan(args) -> list[tuple[dict, bool]]:
                 False,
             )
         )
-    # a second round of the headline comparison and of the machine rates, minutes later:
-    # this machine's speed drifts by tens of percent, so each side keeps its best round
+    # a second round of the headline comparison, the training steps (divided by the headline
+    # forward) and the machine rates, minutes later: this machine's speed drifts by tens of
+    # percent, so each side keeps its best round
     for task, memory in list(tasks):
         headline = (
             task["kind"] == "forward"
@@ -224,7 +225,7 @@ def plan(args) -> list[tuple[dict, bool]]:
             and task.get("repeats") != 2
             and not memory
         )
-        if task["kind"] == "machine" or headline:
+        if task["kind"] in ("machine", "train") or headline:
             tasks.append(({**task, "round": 2}, memory))
     return tasks
 
