@@ -149,16 +149,14 @@ def inner_operands(params, config: MambaConfig, x, state, *, cast, zeros, exp) -
 
 
 class Inner(NamedTuple):
-    """What `fused_inner` computes: the gated y, both new states, and the intermediates a
-    backward pass needs (u, x_dbl, dt_pre; starts: the state every `chunk` steps, or an
-    empty array)."""
+    """What `fused_inner` computes: the gated y, both new states, and what its backward pass
+    (`fused_inner_backward`, which recomputes u and dt_pre) needs besides xz: x_dbl and
+    starts (the state every `chunk` steps, or an empty array)."""
 
     y: np.ndarray
     conv_state: np.ndarray
     h: np.ndarray
-    u: np.ndarray
     x_dbl: np.ndarray
-    dt_pre: np.ndarray
     starts: np.ndarray
 
 
@@ -175,7 +173,7 @@ def fused_inner(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, conv_sta
     b_mat, c_mat, z = x_dbl[..., r : r + n], x_dbl[..., r + n :], xz[..., e:]
     out = kernels.fused_scan(u, dt_pre, dt_bias, A, b_mat, c_mat, D, z, h0, chunk=chunk)
     starts = out[2] if chunk else np.empty((0,), u.dtype)
-    return Inner(out[0], new_conv, out[1], u, x_dbl, dt_pre, starts)
+    return Inner(out[0], new_conv, out[1], x_dbl, starts)
 
 
 def fused_inner_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, conv_state,
