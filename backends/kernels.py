@@ -7,6 +7,8 @@
                          keeping the state every `chunk` steps for a backward pass
     scan_with_starts / scan_backward          the plain scan's training pair (`_LinearScan`)
     fused_scan_backward  the fused scan's backward (PyTorch `_MambaInner`, JAX's VJP)
+    fused_step           a decode step between in_proj and out_proj (conv, x_proj, dt_proj,
+                         softplus, state update, skip, gate) in one kernel
 
 What they replace, and why: the NumPy scan (`backends.numpy.scan_linear`) spends seven
 library calls per step and NumPy's own `exp`, which runs at well under one exponential per
@@ -42,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from .threads import plan_blocks, run_all, run_blocks
+from .threads import plan_blocks, plan_rows, run_all, run_blocks
 
 __all__ = [
     "available",
@@ -51,6 +53,7 @@ __all__ = [
     "conv_silu_backward",
     "fused_scan",
     "fused_scan_backward",
+    "fused_step",
     "reason",
     "scan",
     "scan_backward",
@@ -422,6 +425,62 @@ if numba is not None:
                     y_t[j] = (dts[j] + skip[j] * u_t[j]) * _silu(z_t[j])
 
     @_jit
+    def _fused_step(xz, w, bias, conv_in, x_proj_w, dt_proj_w, dt_bias, A, D, h_in, conv_out,
+                    h, y, u, x_dbl, rows, b0, b1):  # fmt: skip
+        # one decode step of the Mamba-1 mixer after in_proj, for batch rows b0..b1: xz (B,2E)
+        # the in_proj output; the conv (w (K,E), bias, state conv_in (B,E,K), oldest first)
+        # and SiLU into u; x_dbl = x_proj_w u; dt = softplus(dt_proj_w x_dbl[:R] + dt_bias);
+        # h = exp(dt A) h_in + dt u B; y (B,E) = (h.C + D u) silu(z).  The new states go to
+        # conv_out and h (h_in, conv_in only read).  u (E,), x_dbl (R+2N,), rows (E,) scratch.
+        channels, n_state = A.shape
+        width = w.shape[0]
+        rank = dt_proj_w.shape[1]
+        zero = _zero(u)
+        for b in range(b0, b1):
+            x_row = xz[b]
+            for e in range(channels):  # the conv over the state's last K-1 inputs and x
+                s_row = conv_in[b, e]
+                acc = bias[e] + w[width - 1, e] * x_row[e]
+                for j in range(width - 1):
+                    acc += w[j, e] * s_row[j + 1]
+                    conv_out[b, e, j] = s_row[j + 1]
+                conv_out[b, e, width - 1] = x_row[e]
+                u[e] = acc
+            for e in range(channels):
+                u[e] = _silu(u[e])
+            for k in range(x_dbl.shape[0]):  # x_proj: one dot product per output
+                p_row = x_proj_w[k]
+                acc = zero
+                for e in range(channels):
+                    acc += p_row[e] * u[e]
+                x_dbl[k] = acc
+            for e in range(channels):  # dt_proj
+                d_row = dt_proj_w[e]
+                acc = dt_bias[e]
+                for r in range(rank):
+                    acc += d_row[r] * x_dbl[r]
+                rows[e] = acc
+            for e in range(channels):  # softplus, vectorised over channels
+                rows[e] = _softplus(rows[e])
+            b_row = x_dbl[rank : rank + n_state]
+            c_row = x_dbl[rank + n_state :]
+            for e in range(channels):
+                d = rows[e]
+                du = d * u[e]
+                h_row = h[b, e]
+                h_row[:] = h_in[b, e]  # a row at a time, then in place (see `_fused_scan`)
+                a_row = A[e]
+                acc = zero
+                for n in range(n_state):
+                    v = _exp(d * a_row[n]) * h_row[n] + du * b_row[n]
+                    h_row[n] = v
+                    acc += v * c_row[n]
+                rows[e] = acc
+            y_row = y[b]
+            for e in range(channels):  # skip and gate, vectorised over channels
+                y_row[e] = (rows[e] + D[e] * u[e]) * _silu(x_row[channels + e])
+
+    @_jit
     def _fused_adjoint(u, dt_pre, dt_bias, A, bs, ob, cs, oc, D, z, oz, starts, chunk, dout, g,
                        hs, aa, rows, d_u, d_dtp, d_z, odz, d_b, d_c, d_a, d_d, d_bias, tile,
                        b0, b1, e0, e1):  # fmt: skip
@@ -580,6 +639,7 @@ if numba is not None:
             _scan_adjoint,
             _fused_adjoint,
             _conv_silu_adjoint,
+            _fused_step,
         )
         for dtype in (np.float32, np.float64)
     }
@@ -711,6 +771,42 @@ def fused_scan(u, dt_pre, dt_bias, A, Bm, Cm, D, z, h0, *, chunk: int = 0, threa
 
     run_blocks(run, batch, channels, work, threads)
     return (y, h, starts) if chunk else (y, h)
+
+
+def fused_step(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, conv_state, h0, *,
+               threads=None):  # fmt: skip
+    """One decode step of the Mamba-1 mixer from its in_proj output, compiled in one kernel:
+    the conv step and SiLU, the x_proj and dt_proj products, the softplus, the state update,
+    the skip and the gate (what `fused_scan` and `conv_silu` do over a sequence, for L = 1,
+    without their per-call work around one step).
+
+    xz (B,2E); conv_w (E,K); conv_b, dt_bias, D (E,); x_proj_w (R+2N,E); dt_proj_w (E,R);
+    A (E,N); conv_state (B,E,K); h0 (B,E,N) -> y (B,E) before out_proj, the new
+    conv state and h.  Neither state is modified.  Batch rows run on the pool when the step's
+    state updates are worth the threads."""
+    dtype = np.dtype(xz.dtype)
+    batch = xz.shape[0]
+    channels, n_state = A.shape
+    conv_state, h0 = _c(conv_state, dtype), _c(h0, dtype)
+    fixed = (
+        _c(xz, dtype), _c(conv_w.T, dtype), _c(conv_b, dtype), conv_state, _c(x_proj_w, dtype),
+        _c(dt_proj_w, dtype), _c(dt_bias, dtype), _c(A, dtype), _c(D, dtype), h0,
+        np.empty_like(conv_state), np.empty_like(h0), np.empty((batch, channels), dtype),
+    )  # fmt: skip
+    kernel = _KERNELS[dtype][6]
+
+    def scratch() -> tuple:  # each block its own u, x_dbl and per-channel row
+        return (
+            np.empty(channels, dtype), np.empty(x_proj_w.shape[0], dtype),
+            np.empty(channels, dtype),
+        )  # fmt: skip
+
+    if ("fused_step", dtype.str) not in _SEEN:  # compile / load on an empty block
+        _timed("fused_step", kernel, *fixed, *scratch(), 0, 0)
+    rows_of = plan_rows(batch, batch * channels * n_state, threads)
+    run_all(lambda i: kernel(*fixed, *scratch(), *rows_of[i]), len(rows_of))
+    y, new_conv, h = fixed[-1], fixed[-3], fixed[-2]
+    return y, new_conv, h
 
 
 def fused_scan_backward(

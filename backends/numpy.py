@@ -10,7 +10,8 @@ recurrence, step by step, with every elementwise operation writing into prealloc
 channel-block) slices over a thread pool (NumPy and the kernels release the GIL inside their
 loops); their working memory is O(B*E*N) whatever L is.  With the kernels, a Mamba-1 call
 without mask or packing (forward and decode step) runs `fused_forward`: BLAS for the four
-projections, one kernel for the conv and one for the scan with its softplus, skip and gate.
+projections, one kernel for the conv and one for the scan with its softplus, skip and gate
+(a decode step: BLAS for in_proj and out_proj, one kernel for everything between).
 """
 
 from __future__ import annotations
@@ -150,8 +151,8 @@ def inner_operands(params, config: MambaConfig, x, state, *, cast, zeros, exp) -
 
 class Inner(NamedTuple):
     """What `fused_inner` computes: the gated y, both new states, and what its backward pass
-    (`fused_inner_backward`, which recomputes u and dt_pre) needs besides xz: x_dbl and
-    starts (the state every `chunk` steps, or an empty array)."""
+    (`fused_inner_backward`, which recomputes u and dt_pre) needs besides xz: x_dbl (empty
+    for a decode step) and starts (the state every `chunk` steps, or an empty array)."""
 
     y: np.ndarray
     conv_state: np.ndarray
@@ -165,8 +166,16 @@ def fused_inner(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, conv_sta
     """Mamba-1 from the in_proj output xz (B, L, 2E) to the gated y (B, L, E), before
     out_proj: the conv + SiLU kernel, the x_proj and dt_proj products (`linear`), the fused
     scan kernel (with chunk > 0 keeping its state every `chunk` steps for a backward pass).
-    B, C and z are read in place as column blocks of x_dbl and xz."""
+    B, C and z are read in place as column blocks of x_dbl and xz.  A single step with no
+    backward pass to keep for (L = 1, chunk = 0: a decode step) runs as one kernel instead
+    (`kernels.fused_step`); x_dbl is then not returned (empty)."""
     r, n, e = dt_rank, A.shape[1], conv_w.shape[0]
+    if xz.shape[1] == 1 and not chunk:
+        y, new_conv, h = kernels.fused_step(
+            xz[:, 0], conv_w[:, 0, :], conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, conv_state, h0
+        )  # fmt: skip
+        empty = np.empty((0,), y.dtype)
+        return Inner(y[:, None, :], new_conv, h, empty, empty)
     u, new_conv = kernels.conv_silu(np.ascontiguousarray(xz), conv_w[:, 0, :], conv_b, conv_state)
     x_dbl = linear(u, x_proj_w)
     dt_pre = linear(x_dbl[..., :r], dt_proj_w)

@@ -7,13 +7,22 @@ kernels release the GIL inside their loops, so the slices run at the same time).
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["MIN_PARALLEL_WORK", "blocks", "num_threads", "plan_blocks", "run_all", "run_blocks"]
+__all__ = [
+    "MIN_PARALLEL_WORK",
+    "blocks",
+    "num_threads",
+    "plan_blocks",
+    "plan_rows",
+    "run_all",
+    "run_blocks",
+]
 
 # Below this much work (B*L*E*N state updates), threads cost more than they save (waking
 # them and handing the GIL around costs tens of microseconds; a batch-1 decode step is
@@ -74,6 +83,16 @@ def plan_blocks(
     worth the threads, else one."""
     workers = threads if threads is not None else num_threads()
     return blocks(batch, channels, 1 if work < MIN_PARALLEL_WORK else workers)
+
+
+def plan_rows(batch: int, work: int, threads: int | None = None) -> list[tuple[int, int]]:
+    """(b0, b1) ranges of whole batch rows for `work` state updates: one per thread (at most
+    one per row) when the work is worth the threads, else one range.  For kernels whose rows
+    cannot be cut into channel blocks (a decode step reduces over all channels)."""
+    workers = threads if threads is not None else num_threads()
+    parts = 1 if work < MIN_PARALLEL_WORK else max(1, min(batch, workers))
+    edges = [batch * i // parts for i in range(parts + 1)]
+    return list(itertools.pairwise(edges))
 
 
 def run_all(fn: Callable[[int], None], count: int) -> None:

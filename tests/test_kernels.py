@@ -311,6 +311,40 @@ def test_fused_forward_matches_core_and_reference(rng, dtype, overrides, with_st
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("overrides", CONFIGS)
+def test_decode_step_kernel_matches_core_and_reference(rng, dtype, overrides, blocks,
+                                                       monkeypatch):  # fmt: skip
+    # a one-token call (a decode step) runs `kernels.fused_step`: against the core's step and
+    # the independent reference, from a non-zero state, batch rows split over threads or not
+    cfg = small_config(**overrides)
+    d = np.dtype(dtype)
+    params = {k: v.astype(d) for k, v in init_params(cfg, 3).items()}
+    x = rng.standard_normal((3, 1, cfg.hidden_size)).astype(d)
+    state = MambaState(
+        rng.standard_normal((3, cfg.d_inner, cfg.d_conv)).astype(d),
+        rng.standard_normal((3, cfg.d_inner, cfg.d_state)).astype(d),
+    )
+    calls = []
+    step_kernel = kernels.fused_step
+    monkeypatch.setattr(
+        kernels, "fused_step", lambda *a, **k: calls.append(1) or step_kernel(*a, threads=blocks)
+    )  # fmt: skip
+    out, new = npb.fused_forward(params, x, cfg, state)
+    assert calls == [1]
+    prepared = prepare_params(params, cfg, xp=npb.xp_numpy)
+    core, core_state = npb.mixer_step(prepared, state, x[:, 0], cfg, xp=npb.xp_numpy)
+    ref, (ref_conv, ref_h) = reference_forward(params, x, cfg, state)
+    assert out.dtype == new.ssm_state.dtype == new.conv_state.dtype == d
+    assert_close(out[:, 0], core, dtype)
+    assert_close(out, ref, dtype)
+    assert_close(new.ssm_state, core_state.ssm_state, dtype)
+    assert_close(new.ssm_state, ref_h, dtype)
+    assert_close(new.conv_state, ref_conv, dtype)
+    # the state's older inputs move down a place, unchanged
+    np.testing.assert_array_equal(new.conv_state[..., :-1], state.conv_state[..., 1:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_step_equals_forward_and_keeps_old_state(rng, dtype):
     cfg = small_config()
     module = MambaModule(cfg, backend="numpy", seed=1, dtype=dtype)
