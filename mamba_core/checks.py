@@ -136,16 +136,25 @@ def check_state(
     return arrays
 
 
+#: dtype -> whether it is real floating, for the other libraries' dtypes (asked once each:
+#: the namespace lookup costs tens of microseconds, and a decode step asks it every token)
+_REAL_FLOATING: dict[Any, bool] = {}
+
+
 def is_real_floating(value: Any) -> bool:
     """Whether an array (any library) has a real floating dtype (NumPy: without dispatch)."""
     if isinstance(value, np.ndarray):
         return value.dtype.kind == "f"
-    try:
-        from array_api_compat import array_namespace
+    known = _REAL_FLOATING.get(value.dtype)
+    if known is None:
+        try:
+            from array_api_compat import array_namespace
 
-        return bool(array_namespace(value).isdtype(value.dtype, "real floating"))
-    except TypeError:
-        return "float" in str(value.dtype)
+            known = bool(array_namespace(value).isdtype(value.dtype, "real floating"))
+        except TypeError:
+            known = "float" in str(value.dtype)
+        _REAL_FLOATING[value.dtype] = known
+    return known
 
 
 def packed_index(
