@@ -93,13 +93,23 @@ def scan_native(u, dt, A, Bm, Cm, h0, *, threads: int | None = None, keep=None):
 NATIVE_SCANS = {("mamba1", "linear"): scan_native}
 
 
+#: up to this many rows (a decode step's batch), `dense` computes weight @ x.T: OpenBLAS's
+#: GEMM with 2-8 rows in x ran 1.1-1.8x slower than the transposed product here (it packs
+#: the whole weight for a handful of rows), the two equal at 1 and 16 rows
+_SKINNY_ROWS = 8
+
+
 def dense(x: np.ndarray, weight: np.ndarray, bias=None) -> np.ndarray:
     """`ops.linear` straight on NumPy (one 2-D product; no namespace dispatch: a decode step
     calls four of these, and the generic wrapper's overhead measured ~20 us each).  The
     result owns its memory in x's leading shape, so the kernels read its column blocks (B, C,
     z) in place (`kernels._columns`) rather than copying them."""
     y = np.empty((*x.shape[:-1], weight.shape[0]), np.result_type(x, weight))
-    np.matmul(x.reshape(-1, x.shape[-1]), weight.T, out=y.reshape(-1, weight.shape[0]))
+    rows, out = x.reshape(-1, x.shape[-1]), y.reshape(-1, weight.shape[0])
+    if 1 < rows.shape[0] <= _SKINNY_ROWS:
+        out[...] = np.matmul(weight, rows.T).T
+    else:
+        np.matmul(rows, weight.T, out=out)
     if bias is not None:
         y += bias
     return y

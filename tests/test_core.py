@@ -179,3 +179,23 @@ def test_mixer_step_and_continuation_equal_forward(xp, rng):
     assert isinstance(state, MambaState)
     assert_close(state.ssm_state, full_state.ssm_state, "float64")
     assert_close(state.conv_state, full_state.conv_state, "float64")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 40])
+def test_numpy_dense_matches_the_product_for_every_row_count(rng, dtype, rows):
+    # `backends.numpy.dense` computes weight @ x.T for a few rows (a decode step's batch) and
+    # x @ weight.T otherwise: both against a float64 product, with and without bias, in x's
+    # leading shape and owning its memory (the kernels read its column blocks in place)
+    from mamba_core.backends.numpy import dense
+
+    d = np.dtype(dtype)
+    x = rng.standard_normal((rows, 1, 24)).astype(d)
+    weight = rng.standard_normal((40, 24)).astype(d)
+    bias = rng.standard_normal(40).astype(d)
+    exact = np.float64(x) @ np.float64(weight).T
+    for b, want in ((None, exact), (bias, exact + bias)):
+        got = dense(x, weight, b)
+        assert got.shape == (rows, 1, 40) and got.dtype == d
+        assert got.flags.c_contiguous and got.flags.owndata
+        assert_close(got, want, dtype)
