@@ -377,6 +377,16 @@ if numba is not None:
                         acc += v * c_row[n]
                     y[b, t, e] = acc
 
+    @_inline
+    def _state_row(h_row, a_row, b_row, c_row, d, du):
+        # one channel's step, in place: h = exp(d A) h + du B; returns h.C
+        acc = _zero(h_row)
+        for n in range(h_row.shape[0]):
+            v = _exp(d * a_row[n]) * h_row[n] + du * b_row[n]
+            h_row[n] = v
+            acc += v * c_row[n]
+        return acc
+
     @_jit
     def _fused_scan(u, dt_pre, dt_bias, A, bs, ob, cs, oc, D, z, oz, h_in, h, y, starts,
                     chunk, dts, b0, b1, e0, e1):  # fmt: skip
@@ -392,7 +402,6 @@ if numba is not None:
         length = u.shape[1]
         n_state = A.shape[1]
         width = e1 - e0
-        zero = _zero(u)
         a_blk, bias, skip = A[e0:e1], dt_bias[e0:e1], D[e0:e1]
         for b in range(b0, b1):
             # the block's state rows start as h_in's (a copy in the loop: reading h_in in the
@@ -410,15 +419,7 @@ if numba is not None:
                 c_row = cs[b, t, oc : oc + n_state]
                 for j in range(width):
                     d = dts[j]
-                    du = d * u_t[j]
-                    h_row = h_blk[j]
-                    a_row = a_blk[j]
-                    acc = zero
-                    for n in range(n_state):
-                        v = _exp(d * a_row[n]) * h_row[n] + du * b_row[n]
-                        h_row[n] = v
-                        acc += v * c_row[n]
-                    dts[j] = acc
+                    dts[j] = _state_row(h_blk[j], a_blk[j], b_row, c_row, d, d * u_t[j])
                 z_t = z[b, t, oz + e0 : oz + e1]
                 y_t = y[b, t, e0:e1]
                 for j in range(width):  # skip and gate, vectorised over channels
@@ -466,16 +467,9 @@ if numba is not None:
             c_row = x_dbl[rank + n_state :]
             for e in range(channels):
                 d = rows[e]
-                du = d * u[e]
                 h_row = h[b, e]
                 h_row[:] = h_in[b, e]  # a row at a time, then in place (see `_fused_scan`)
-                a_row = A[e]
-                acc = zero
-                for n in range(n_state):
-                    v = _exp(d * a_row[n]) * h_row[n] + du * b_row[n]
-                    h_row[n] = v
-                    acc += v * c_row[n]
-                rows[e] = acc
+                rows[e] = _state_row(h_row, A[e], b_row, c_row, d, d * u[e])
             y_row = y[b]
             for e in range(channels):  # skip and gate, vectorised over channels
                 y_row[e] = (rows[e] + D[e] * u[e]) * _silu(x_row[channels + e])
