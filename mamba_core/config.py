@@ -391,26 +391,10 @@ class MambaConfig:
         return type(self).from_dict({**self.to_dict(), **changes})
 
     def describe(self) -> str:
-        """The sizes that decide the parameter shapes, for error messages."""
-        if self.version == "mamba3":
-            return (
-                f"version='mamba3', hidden_size={self.hidden_size}, d_inner={self.d_inner}, "
-                f"d_state={self.d_state}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
-                f"n_groups={self.n_groups}, rope_fraction={self.rope_fraction}, mimo="
-                f"{self.mimo}, mimo_rank={self.mimo_rank}, outproj_norm={self.outproj_norm}"
-            )
-        if self.version == "mamba2":
-            return (
-                f"version='mamba2', hidden_size={self.hidden_size}, d_inner={self.d_inner}, "
-                f"d_state={self.d_state}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
-                f"n_groups={self.n_groups}, d_conv={self.d_conv}, use_bias={self.use_bias}, "
-                f"use_conv_bias={self.use_conv_bias}"
-            )
-        return (
-            f"hidden_size={self.hidden_size}, d_inner={self.d_inner}, d_state={self.d_state}, "
-            f"dt_rank={self.dt_rank}, d_conv={self.d_conv}, use_bias={self.use_bias}, "
-            f"use_conv_bias={self.use_conv_bias}"
-        )
+        """The sizes that decide the parameter shapes, for error messages (its mixer's)."""
+        from .mixers import mixer_for  # the mixers import this module
+
+        return mixer_for(self).describe(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

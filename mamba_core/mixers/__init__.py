@@ -4,8 +4,9 @@ Each module defines: `NAME`, `ARCHITECTURE`, `PARAM_NAMES`, `param_shapes(config
 `init_params(config, rng)`, `State` (its decode-state NamedTuple), `state_shapes(config,
 batch)`, `SCAN_DTYPE_FIELDS`, `forward(params, x, config, state, *, scan, xp)`,
 `step_scan`, `prepare(params, config, *, xp)`, `core_scan(algorithm, chunk_size)`,
-`default_chunk(algorithm)` and `auto_scan(backend, platform, config)`.  The adapter, the
-backends and the modules dispatch through `mixer_for(config)` and never branch on a version.
+`default_chunk(algorithm)`, `auto_scan(backend, platform, config)` and `describe(config)`.
+The adapter, the backends and the modules dispatch through `mixer_for(config)` and never
+branch on a version.
 """
 
 from __future__ import annotations

@@ -160,6 +160,15 @@ def state_shapes(config: MambaConfig, batch: int) -> dict[str, tuple[tuple[int, 
 SCAN_DTYPE_FIELDS = ("ssm_state",)
 
 
+def describe(config: MambaConfig) -> str:
+    """The sizes that decide this mixer's parameter shapes (`MambaConfig.describe`)."""
+    return (
+        f"hidden_size={config.hidden_size}, d_inner={config.d_inner}, "
+        f"d_state={config.d_state}, dt_rank={config.dt_rank}, d_conv={config.d_conv}, "
+        f"use_bias={config.use_bias}, use_conv_bias={config.use_conv_bias}"
+    )
+
+
 def default_chunk(algorithm: str) -> int:
     return DEFAULT_CHUNK[algorithm]
 

@@ -169,6 +169,16 @@ def state_shapes(config: MambaConfig, batch: int) -> dict[str, tuple[tuple[int, 
     }
 
 
+def describe(config: MambaConfig) -> str:
+    """The sizes that decide this mixer's parameter shapes (`MambaConfig.describe`)."""
+    return (
+        f"version='mamba2', hidden_size={config.hidden_size}, d_inner={config.d_inner}, "
+        f"d_state={config.d_state}, num_heads={config.num_heads}, "
+        f"head_dim={config.head_dim}, n_groups={config.n_groups}, d_conv={config.d_conv}, "
+        f"use_bias={config.use_bias}, use_conv_bias={config.use_conv_bias}"
+    )
+
+
 def default_chunk(algorithm: str) -> int:
     return SSD_DEFAULT_CHUNK[algorithm]
 

@@ -178,6 +178,17 @@ def state_shapes(config: MambaConfig, batch: int) -> dict[str, tuple[tuple[int, 
     }
 
 
+def describe(config: MambaConfig) -> str:
+    """The sizes that decide this mixer's parameter shapes (`MambaConfig.describe`)."""
+    return (
+        f"version='mamba3', hidden_size={config.hidden_size}, d_inner={config.d_inner}, "
+        f"d_state={config.d_state}, num_heads={config.num_heads}, "
+        f"head_dim={config.head_dim}, n_groups={config.n_groups}, rope_fraction="
+        f"{config.rope_fraction}, mimo={config.mimo}, mimo_rank={config.mimo_rank}, "
+        f"outproj_norm={config.outproj_norm}"
+    )
+
+
 def default_chunk(algorithm: str) -> int:
     return SSD3_DEFAULT_CHUNK[algorithm]
 
