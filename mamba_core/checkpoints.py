@@ -1,6 +1,7 @@
 """Language-model checkpoints from a local directory: the HuggingFace layout
 (`MambaForCausalLM` / `Mamba2ForCausalLM`) and the official `mamba_ssm` layout, read as small
-mapping tables from their names to ours; and the HuggingFace layout written back.
+mapping tables from their names to ours; and the HuggingFace layout written back (a Mamba-3
+model as model_type "mamba3", which only this package reads: transformers has no Mamba-3).
 
 Only safetensors are read (never a pickle).  Everything is checked before a weight is read:
 the config, then every tensor's name, shape and dtype in every shard's header; weights are
@@ -40,6 +41,8 @@ __all__ = [
 #: HF / official activation names -> ours
 _ACTIVATIONS = {"silu": "swish", "swish": "swish", "gelu": "gelu", "gelu_pytorch_tanh": "gelu",
                 "relu": "relu"}  # fmt: skip
+#: the config.json model_types read (HuggingFace's two; "mamba3" is ours, see `_TO_HF`)
+_HF_KINDS = ("mamba", "mamba2", "mamba3")
 #: official state-dict names -> ours (= HuggingFace's)
 _OFFICIAL_NAMES = {"backbone.embedding.weight": EMBEDDING}
 CONVERT_HINT = (
@@ -67,27 +70,36 @@ def _activation(name: str, path: str) -> str:
 
 
 def config_from_hf(c: Mapping[str, Any], path: str = "config.json") -> LMConfig:
-    """An `LMConfig` from a HuggingFace `MambaConfig` / `Mamba2Config` dict."""
+    """An `LMConfig` from a HuggingFace `MambaConfig` / `Mamba2Config` dict, or the
+    model_type "mamba3" config.json that `config_to_hf` writes for a Mamba-3 model."""
     kind = c.get("model_type")
-    if kind not in ("mamba", "mamba2"):
+    if kind not in _HF_KINDS:
         raise CheckpointError(
-            f"{path!r}: model_type={kind!r} is not a Mamba language model (expected 'mamba' or "
-            "'mamba2')"
+            f"{path!r}: model_type={kind!r} is not a Mamba language model (expected one of "
+            f"{', '.join(map(repr, _HF_KINDS))})"
         )
     try:
         common = dict(
             hidden_size=c["hidden_size"],
             d_state=c["state_size"],
-            d_conv=c["conv_kernel"],
             expand_factor=int(c["expand"]),
             use_bias=bool(c.get("use_bias", False)),
-            use_conv_bias=bool(c.get("use_conv_bias", True)),
             activation=_activation(c.get("hidden_act", "silu"), path),
             dt_min=c.get("time_step_min", 0.001),
             dt_max=c.get("time_step_max", 0.1),
             dt_init_floor=c.get("time_step_floor", 1e-4),
             layer_norm_epsilon=c.get("layer_norm_epsilon", 1e-5),
         )
+        if kind != "mamba3":
+            common.update(d_conv=c["conv_kernel"], use_conv_bias=bool(c.get("use_conv_bias", True)))
+        if kind != "mamba":
+            limit = c.get("time_step_limit", (0.0, float("inf")))
+            common.update(
+                num_heads=c["num_heads"],
+                head_dim=c["head_dim"],
+                n_groups=c.get("n_groups", 1),
+                time_step_limit=(_float(limit[0]), _float(limit[1])),
+            )
         if kind == "mamba":
             mixer = MambaConfig(
                 **common,
@@ -100,19 +112,12 @@ def config_from_hf(c: Mapping[str, Any], path: str = "config.json") -> LMConfig:
                     f"{path!r}: only rms_norm=True, norm_before_gate=False Mamba-2 models are "
                     "supported (the official and HuggingFace default)"
                 )
-            limit = c.get("time_step_limit", (0.0, float("inf")))
+            mixer = MambaConfig(**common, version="mamba2")
+        else:
             mixer = MambaConfig(
                 **common,
-                version="mamba2",
-                num_heads=c["num_heads"],
-                head_dim=c["head_dim"],
-                n_groups=c.get("n_groups", 1),
-                time_step_limit=(_float(limit[0]), _float(limit[1])),
-            )
-        else:
-            raise CheckpointError(
-                f"{path!r}: model_type={kind!r} is not a Mamba language model (expected 'mamba' "
-                "or 'mamba2')"
+                version="mamba3",
+                **{name: c[name] for name in _MAMBA3_FIELDS if name in c},
             )
         return LMConfig(
             mixer=mixer,
@@ -187,17 +192,58 @@ def config_from_official(c: Mapping[str, Any], path: str = "config.json") -> LMC
         raise CheckpointError(f"{path!r} holds an invalid config: {exc}") from None
 
 
+def _hf_conv(m: MambaConfig) -> dict[str, Any]:
+    return {"conv_kernel": m.d_conv, "use_conv_bias": m.use_conv_bias}
+
+
+def _hf_heads(m: MambaConfig) -> dict[str, Any]:
+    return {
+        "num_heads": m.num_heads,
+        "head_dim": m.head_dim,
+        "n_groups": m.n_groups,
+        "time_step_limit": list(m.time_step_limit),
+    }
+
+
+#: each version's own config.json fields.  transformers has no Mamba-3 class, so a Mamba-3
+#: model is written with model_type "mamba3" and no "architectures": it loads back here (and
+#: a HuggingFace tool refuses it by name instead of building a Mamba-1 model from it).
+_TO_HF = {
+    "mamba1": lambda m: {
+        **_hf_conv(m),
+        "model_type": "mamba",
+        "architectures": ["MambaForCausalLM"],
+        "time_step_rank": m.dt_rank,
+        "time_step_scale": m.dt_scale,
+    },
+    "mamba2": lambda m: {
+        **_hf_conv(m),
+        **_hf_heads(m),
+        "model_type": "mamba2",
+        "architectures": ["Mamba2ForCausalLM"],
+        "rms_norm": True,
+        "norm_before_gate": False,
+    },
+    "mamba3": lambda m: {
+        **_hf_heads(m),
+        "model_type": "mamba3",
+        **{name: getattr(m, name) for name in _MAMBA3_FIELDS},
+    },
+}
+#: the Mamba-3 fields a config.json of model_type "mamba3" carries under our own names
+_MAMBA3_FIELDS = ("rope_fraction", "mimo", "mimo_rank", "outproj_norm", "A_floor")
+
+
 def config_to_hf(config: LMConfig) -> dict[str, Any]:
-    """The HuggingFace config.json of `config` (loads in transformers and back here)."""
+    """The HuggingFace config.json of `config` (Mamba-1 and -2 load in transformers; every
+    version loads back here)."""
     m = config.mixer
     act = {"swish": "silu", "silu": "silu", "gelu": "gelu_pytorch_tanh", "relu": "relu"}
-    common = {
+    return {
         "hidden_size": m.hidden_size,
         "state_size": m.d_state,
-        "conv_kernel": m.d_conv,
         "expand": m.expand_factor,
         "use_bias": m.use_bias,
-        "use_conv_bias": m.use_conv_bias,
         "hidden_act": act[m.activation],
         "time_step_min": m.dt_min,
         "time_step_max": m.dt_max,
@@ -207,25 +253,7 @@ def config_to_hf(config: LMConfig) -> dict[str, Any]:
         "vocab_size": config.vocab_size,
         "tie_word_embeddings": config.tie_embeddings,
         "residual_in_fp32": config.residual_in_fp32,
-    }
-    if m.version == "mamba2":
-        return {
-            **common,
-            "model_type": "mamba2",
-            "architectures": ["Mamba2ForCausalLM"],
-            "num_heads": m.num_heads,
-            "head_dim": m.head_dim,
-            "n_groups": m.n_groups,
-            "time_step_limit": list(m.time_step_limit),
-            "rms_norm": True,
-            "norm_before_gate": False,
-        }
-    return {
-        **common,
-        "model_type": "mamba",
-        "architectures": ["MambaForCausalLM"],
-        "time_step_rank": m.dt_rank,
-        "time_step_scale": m.dt_scale,
+        **_TO_HF[m.version](m),
     }
 
 

@@ -278,7 +278,8 @@ class MambaLM(GenerationMixin):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the HuggingFace layout (config.json + model.safetensors): it loads in
-        transformers' `MambaForCausalLM` / `Mamba2ForCausalLM` and back here."""
+        transformers' `MambaForCausalLM` / `Mamba2ForCausalLM` and back here (a Mamba-3 model:
+        model_type "mamba3", back here only; transformers has no Mamba-3 class)."""
         from .checkpoints import write_lm_checkpoint
 
         write_lm_checkpoint(
