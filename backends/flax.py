@@ -29,7 +29,7 @@ from flax import nnx
 from mamba_core.checks import check_input_shape
 from mamba_core.config import MambaConfig, resolve_config
 from mamba_core.io import CheckpointWeights
-from mamba_core.lm import GenerationMixin
+from mamba_core.lm import GenerationMixin, PretrainedMixin
 from mamba_core.mixer import MambaState, init_state, param_shapes
 from mamba_core.models import LMConfig, init_lm_params, lm_param_shapes
 from mamba_core.params import check_state_dict, init_params, raise_mismatch, to_numpy
@@ -194,7 +194,7 @@ def _module_of(tree: Mapping[str, Any]) -> Any:
     return holder
 
 
-class MambaLMFlax(GenerationMixin, nnx.Module):
+class MambaLMFlax(GenerationMixin, PretrainedMixin, nnx.Module):
     """A Mamba language model as a Flax NNX module; parameter paths join to the HuggingFace
     names (`backbone.embeddings.weight`, `backbone.layers.0.mixer.in_proj.weight`, ...).
     The computation is the JAX backend's (the whole model under one jit)."""

@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from mamba_core.checks import check_input_shape, packed_index
 from mamba_core.config import MambaConfig, resolve_config
 from mamba_core.io import CheckpointWeights
-from mamba_core.lm import GenerationMixin
+from mamba_core.lm import GenerationMixin, PretrainedMixin
 from mamba_core.mixer import (
     MambaState,
     init_state,
@@ -942,7 +942,7 @@ class MambaBlockTorch(nn.Module):
         return (y, new_state) if return_state else y
 
 
-class MambaLMTorch(GenerationMixin, nn.Module):
+class MambaLMTorch(GenerationMixin, PretrainedMixin, nn.Module):
     """A Mamba language model as an `nn.Module` whose `state_dict()` keys are exactly the
     HuggingFace `MambaForCausalLM` / `Mamba2ForCausalLM` ones (strict loading both ways; a
     tied `lm_head.weight` in a loaded dict is accepted and ignored).
@@ -952,6 +952,7 @@ class MambaLMTorch(GenerationMixin, nn.Module):
         logits, states = lm(input_ids, return_states=True)
         logits, states = lm.step(next_ids, states)
         lm.generate(input_ids, max_new_tokens=32)
+        lm.save_pretrained(dir)                           # the HF layout, as MambaLM writes it
     """
 
     def __init__(

@@ -159,7 +159,24 @@ class GenerationMixin:
             last, states = self._decode(nxt, states)
 
 
-class MambaLM(GenerationMixin):
+class PretrainedMixin:
+    """`save_pretrained` for any language model with `config` and `params_dict()` (HF names
+    -> arrays of any backend): `MambaLM`, `MambaLMTorch` and `MambaLMFlax` write the same
+    files."""
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the HuggingFace layout (config.json + model.safetensors), crash-safely: it
+        loads in transformers' `MambaForCausalLM` / `Mamba2ForCausalLM` and back here (a
+        Mamba-3 model: model_type "mamba3", back here only; transformers has no Mamba-3
+        class).  bfloat16 weights are written as float32 (lossless)."""
+        from .checkpoints import write_lm_checkpoint
+
+        write_lm_checkpoint(
+            directory, self.config, {k: to_numpy(v) for k, v in self.params_dict().items()}
+        )
+
+
+class MambaLM(GenerationMixin, PretrainedMixin):
     """A Mamba language model (embedding -> blocks -> RMSNorm -> head) on one backend.
 
     Args:
@@ -276,15 +293,9 @@ class MambaLM(GenerationMixin):
         """A copy of the weights under the HuggingFace names."""
         return {k: np.array(to_numpy(v), copy=True) for k, v in self.params.items()}
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write the HuggingFace layout (config.json + model.safetensors): it loads in
-        transformers' `MambaForCausalLM` / `Mamba2ForCausalLM` and back here (a Mamba-3 model:
-        model_type "mamba3", back here only; transformers has no Mamba-3 class)."""
-        from .checkpoints import write_lm_checkpoint
-
-        write_lm_checkpoint(
-            directory, self.config, {k: to_numpy(v) for k, v in self.params.items()}
-        )
+    def params_dict(self) -> dict[str, Any]:
+        """The weights under the HuggingFace names (this model's own arrays, not copies)."""
+        return dict(self.params)
 
     @classmethod
     def from_pretrained(

@@ -211,6 +211,17 @@ def test_every_version_saves_and_loads_back(tmp_path, kind, rng):
     for t in range(4, 7):  # the reloaded model decodes: each step equals the forward
         logits, states = back.step(ids[:, t], states)
         assert_close(logits, full[:, t], "float64")
+    for host in ("torch", "jax"):  # the framework LMs write the same files
+        require(host)
+        if host == "torch":
+            from mamba_core.backends.torch import MambaLMTorch as cls
+        else:
+            from mamba_core.backends.flax import MambaLMFlax as cls
+        cls.from_pretrained(tmp_path).save_pretrained(tmp_path / host)
+        again = MambaLM.from_pretrained(tmp_path / host, backend="numpy", dtype="float64")
+        assert again.config == config
+        for k, v in lm.state_dict().items():  # float32 weights written as float32
+            np.testing.assert_array_equal(again.state_dict()[k], v.astype(np.float32))
     written["model_type"] = "mamba4"
     (tmp_path / "config.json").write_text(json.dumps(written))
     with pytest.raises(CheckpointError, match=r"model_type='mamba4' is not a Mamba language "
