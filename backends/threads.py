@@ -81,16 +81,19 @@ def plan_blocks(
 ) -> list[tuple[int, int, int, int]]:
     """The (b0, b1, e0, e1) blocks for `work` state updates: one per thread when the work is
     worth the threads, else one."""
-    workers = threads if threads is not None else num_threads()
-    return blocks(batch, channels, 1 if work < MIN_PARALLEL_WORK else workers)
+    if work < MIN_PARALLEL_WORK:  # (before asking the OS for the CPUs: a decode step)
+        return blocks(batch, channels, 1)
+    return blocks(batch, channels, threads if threads is not None else num_threads())
 
 
 def plan_rows(batch: int, work: int, threads: int | None = None) -> list[tuple[int, int]]:
     """(b0, b1) ranges of whole batch rows for `work` state updates: one per thread (at most
     one per row) when the work is worth the threads, else one range.  For kernels whose rows
     cannot be cut into channel blocks (a decode step reduces over all channels)."""
+    if work < MIN_PARALLEL_WORK:  # (before asking the OS for the CPUs: a decode step)
+        return [(0, batch)]
     workers = threads if threads is not None else num_threads()
-    parts = 1 if work < MIN_PARALLEL_WORK else max(1, min(batch, workers))
+    parts = max(1, min(batch, workers))
     edges = [batch * i // parts for i in range(parts + 1)]
     return list(itertools.pairwise(edges))
 

@@ -401,12 +401,12 @@ def _kernel_path(params, x: Array, config: MambaConfig, state, attention_mask=No
     gradient), "train" (`_KERNEL_TRAINING`: in_proj and out_proj under autograd, the rest in
     `_MambaInner`), or None.  Both need what `fuses` takes (Mamba-1, SiLU, float32/float64,
     no mask or packing), every tensor on the CPU, and no torch.compile."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
+    if not x.is_cpu or torch.compiler.is_compiling():
         return None
     tensors = [*params.values(), *(() if state is None else state)]
     if not fuses(x, config, state, attention_mask, seq_idx):
         return None
-    if any(t.device.type != "cpu" for t in tensors):
+    if not all(t.is_cpu for t in tensors):  # (`is_cpu`: a decode step asks it of every tensor)
         return None
     if not _needs_grad(x, *tensors):
         return "forward"
@@ -419,18 +419,27 @@ def _torch_linear(x: np.ndarray, weight: np.ndarray, bias=None) -> np.ndarray:
     return F.linear(torch.from_numpy(x), torch.from_numpy(weight), b).numpy()
 
 
+def _view(t: Array) -> np.ndarray:
+    """A NumPy view of a CPU tensor (`detach` only when it requires grad: half the cost of
+    the conversion, which a decode step pays on every weight)."""
+    return t.detach().numpy() if t.requires_grad else t.numpy()
+
+
 def _kernel_forward(params, x: Array, config: MambaConfig, state, *, step: bool = False):
     """`fused_forward` on NumPy views of the tensors (no copies); torch tensors back.  A whole
     sequence runs its projections on torch's BLAS: NumPy's OpenBLAS keeps its threads
     spinning for up to ~0.1 s after a call, which slowed the scan kernel started right after
-    by up to 60% (measured: the forward 5-10% faster this way).  A decode step keeps NumPy's
-    BLAS, whose one-token products measured twice as fast as torch's here."""
-    arrays = {k: v.detach().numpy() for k, v in params.items()}
-    np_state = None if state is None else type(state)(*(t.detach().numpy() for t in state))
+    by up to 60% (measured: the forward 5-10% faster this way).  A decode step (x (B, H),
+    one token: its axis added and dropped on the NumPy side) keeps NumPy's BLAS, whose
+    one-token products measured twice as fast as torch's here."""
+    arrays = {k: _view(v) for k, v in params.items()}
+    np_state = None if state is None else type(state)(*map(_view, state))
+    x_np = _view(x)[:, None, :] if step else _view(x)
     out, new = FUSED_FORWARDS[config.version](
-        arrays, x.detach().numpy(), config, np_state, linear=dense if step else _torch_linear
+        arrays, x_np, config, np_state, linear=dense if step else _torch_linear
     )  # fmt: skip
-    return torch.from_numpy(out), type(state or new)(*(torch.from_numpy(a) for a in new))
+    out = torch.from_numpy(out[:, 0, :] if step else out)
+    return out, type(state or new)(*map(torch.from_numpy, new))
 
 
 def torch_forward(
@@ -471,8 +480,7 @@ def torch_forward(
 def torch_step(params: Mapping[str, Array], state: MambaState, x_t: Array, config: MambaConfig):
     """One decode step on torch tensors: x_t (B, H) -> (y_t (B, H), state)."""
     if _kernel_path(params, x_t, config, state) == "forward":
-        out, state = _kernel_forward(params, x_t[:, None, :], config, state, step=True)
-        return out[:, 0, :], state
+        return _kernel_forward(params, x_t, config, state, step=True)
     return mixer_step(params, state, x_t, config, xp=xp_torch)
 
 
