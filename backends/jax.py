@@ -980,7 +980,9 @@ class JaxBackend(Backend):
         return _lm_step_jit(params, list(states), ids, config=config, dtype=jnp.dtype(dtype))
 
     def step(self, params, state: MambaState, x_t, config: MambaConfig):
-        return self._timed("step", step, params, state, x_t, config)
+        # `MambaModule.step` has checked and converted the state: the jitted step directly
+        # (the public `step` would check it a second time, on every token)
+        return self._timed("step", _step_jit, params, state, x_t, config=config)
 
     def call_info(self) -> dict[str, Any]:
         return dict(getattr(self._local, "info", {}))
