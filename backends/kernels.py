@@ -1,5 +1,5 @@
-"""Compiled CPU kernels for the Mamba-1 scan, forward, decode step and training backward
-(numba; the optional `mamba-core[fast]` extra).
+"""Compiled CPU kernels for the Mamba-1 scan, forward, decode step and training backward,
+and the Mamba-2 decode step (numba; the optional `mamba-core[fast]` extra).
 
     conv_silu            the causal depthwise conv + SiLU (conv_silu_backward: its backward)
     scan                 the plain selective scan (packed restarts)
@@ -9,6 +9,8 @@
     fused_scan_backward  the fused scan's backward (PyTorch `_MambaInner`, JAX's VJP)
     fused_step           a decode step between in_proj and out_proj (conv, x_proj, dt_proj,
                          softplus, state update, skip, gate) in one kernel
+    fused_step2          the same for Mamba-2 (conv, softplus and clamp, the heads' state
+                         updates, skip, gate, grouped RMSNorm)
 
 What they replace, and why: the NumPy scan (`backends.numpy.scan_linear`) spends seven
 library calls per step and NumPy's own `exp`, which runs at well under one exponential per
@@ -54,6 +56,7 @@ __all__ = [
     "fused_scan",
     "fused_scan_backward",
     "fused_step",
+    "fused_step2",
     "reason",
     "scan",
     "scan_backward",
@@ -485,6 +488,78 @@ if numba is not None:
             for e in range(channels):  # skip and gate, vectorised over channels
                 y_row[e] = (rows[e] + D[e] * u[e]) * _silu(x_row[channels + e])
 
+    @_inline
+    def _head_row_to(h_src, h_dst, decay, b_row, c_row, dx):
+        # one channel of a Mamba-2 head from h_src into a distinct h_dst: h = decay h_src +
+        # dx B (the decay is the head's scalar); returns h.C
+        acc = _zero(h_dst)
+        for n in range(h_dst.shape[0]):
+            v = decay * h_src[n] + dx * b_row[n]
+            h_dst[n] = v
+            acc += v * c_row[n]
+        return acc
+
+    @_jit
+    def _fused_step2(proj, w, bias, conv_in, dt_bias, A, D, norm_w, h_in, conv_out, h, y,
+                     groups, lo, hi, clamp_lo, clamp_hi, eps, inv_size, xbc, dts, b0,
+                     b1):  # fmt: skip
+        # one decode step of the Mamba-2 mixer after in_proj, for batch rows b0..b1: proj
+        # (B, 2E+2GN+H) = [z | xBC | dt pre-activations]; the conv (w (C,K), bias, state
+        # conv_in (B,C,K), oldest first) and SiLU into xbc (C,) = [x | B (G,N) | C (G,N)];
+        # dt = softplus(dt + dt_bias) clamped to [lo, hi] where asked; per head h: decay =
+        # exp(dt A_h), S = decay S_in + dt x B_g(h), y = S.C_g(h) + D_h x; then y * silu(z)
+        # RMS-normalised over each of the G groups of channels (inv_size = G/E), times
+        # norm_w.  The new states go to conv_out and h (conv_in, h_in only read).  xbc (C,),
+        # dts (H,) scratch.  lo, hi, eps, inv_size: scalars of the arrays' dtype.
+        heads, head_dim, n_state = h_in.shape[1], h_in.shape[2], h_in.shape[3]
+        channels = w.shape[0]
+        width = w.shape[1]
+        inner = heads * head_dim
+        per_group = heads // groups
+        group_size = inner // groups
+        for b in range(b0, b1):
+            row = proj[b]
+            for c in range(channels):  # the conv over the state's last K-1 inputs and x
+                s_row, w_row = conv_in[b, c], w[c]
+                v = row[inner + c]
+                acc = bias[c] + w_row[width - 1] * v
+                for j in range(width - 1):
+                    acc += w_row[j] * s_row[j + 1]
+                    conv_out[b, c, j] = s_row[j + 1]
+                conv_out[b, c, width - 1] = v
+                xbc[c] = acc
+            for c in range(channels):
+                xbc[c] = _silu(xbc[c])
+            for k in range(heads):
+                d = _softplus(row[inner + channels + k] + dt_bias[k])
+                if clamp_lo and d < lo:  # (comparisons: a NaN dt stays NaN)
+                    d = lo
+                if clamp_hi and d > hi:
+                    d = hi
+                dts[k] = d
+            y_row = y[b]
+            for k in range(heads):
+                d = dts[k]
+                decay = _exp(d * A[k])
+                g0 = inner + (k // per_group) * n_state
+                b_row = xbc[g0 : g0 + n_state]
+                c_row = xbc[g0 + groups * n_state : g0 + groups * n_state + n_state]
+                for p in range(head_dim):
+                    i = k * head_dim + p
+                    xv = xbc[i]
+                    y_row[i] = _head_row_to(
+                        h_in[b, k, p], h[b, k, p], decay, b_row, c_row, d * xv
+                    ) + D[k] * xv  # fmt: skip
+            for g in range(groups):  # the gated RMSNorm, group by group
+                ss = _zero(eps)
+                for i in range(g * group_size, (g + 1) * group_size):
+                    v = y_row[i] * _silu(row[i])
+                    y_row[i] = v
+                    ss += v * v
+                scale = _one(eps) / np.sqrt(ss * inv_size + eps)
+                for i in range(g * group_size, (g + 1) * group_size):
+                    y_row[i] = y_row[i] * scale * norm_w[i]
+
     @_jit
     def _fused_adjoint(u, dt_pre, dt_bias, A, bs, ob, cs, oc, D, z, oz, starts, chunk, dout, g,
                        hs, aa, rows, d_u, d_dtp, d_z, odz, d_b, d_c, d_a, d_d, d_bias, tile,
@@ -645,6 +720,7 @@ if numba is not None:
             _fused_adjoint,
             _conv_silu_adjoint,
             _fused_step,
+            _fused_step2,
         )
         for dtype in (np.float32, np.float64)
     }
@@ -812,6 +888,41 @@ def fused_step(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, conv_stat
     run_all(lambda i: kernel(*fixed, *scratch(), *rows_of[i]), len(rows_of))
     y, new_conv, h = fixed[-1], fixed[-3], fixed[-2]
     return y, new_conv, h
+
+
+def fused_step2(proj, conv_w, conv_b, conv_state, dt_bias, A, D, norm_w, h0, *, groups: int,
+                time_step_limit=(0.0, float("inf")), eps: float, threads=None):  # fmt: skip
+    """One decode step of the Mamba-2 mixer from its in_proj output, compiled in one kernel:
+    the conv step and SiLU over x, B and C, dt's softplus and clamp, each head's state
+    update and read-out, the D skip, the SiLU gate and the grouped RMSNorm (what the core's
+    mixer does for L = 1, without its temporaries).
+
+    proj (B, 2E+2GN+H) = [z | xBC | dt]; conv_w (C,K); conv_b (C,); conv_state (B,C,K);
+    dt_bias, A, D (H,); norm_w (E,); h0 (B,H,P,N) -> y (B,E) before out_proj, the new conv
+    state and state.  Neither state is modified.  Batch rows run on the pool when the
+    step's state updates are worth the threads."""
+    dtype = np.dtype(proj.dtype)
+    batch = proj.shape[0]
+    conv_state, h0 = _c(conv_state, dtype), _c(h0, dtype)
+    heads, head_dim, n_state = h0.shape[1:]
+    lo, hi = time_step_limit
+    fixed = (
+        _c(proj, dtype), _c(conv_w, dtype), _c(conv_b, dtype), conv_state, _c(dt_bias, dtype),
+        _c(A, dtype), _c(D, dtype), _c(norm_w, dtype), h0, np.empty_like(conv_state),
+        np.empty_like(h0), np.empty((batch, heads * head_dim), dtype), groups, dtype.type(lo),
+        dtype.type(min(hi, np.finfo(dtype).max)), lo > 0, hi < float("inf"), dtype.type(eps),
+        dtype.type(groups / (heads * head_dim)),
+    )  # fmt: skip
+    kernel = _KERNELS[dtype][7]
+
+    def scratch() -> tuple:  # each block its own xBC and dt rows
+        return np.empty(conv_w.shape[0], dtype), np.empty(heads, dtype)
+
+    if ("fused_step2", dtype.str) not in _SEEN:  # compile / load on an empty block
+        _timed("fused_step2", kernel, *fixed, *scratch(), 0, 0)
+    rows_of = plan_rows(batch, batch * heads * head_dim * n_state, threads)
+    run_all(lambda i: kernel(*fixed, *scratch(), *rows_of[i]), len(rows_of))
+    return fixed[11], fixed[9], fixed[10]
 
 
 def fused_scan_backward(

@@ -11,7 +11,8 @@ channel-block) slices over a thread pool (NumPy and the kernels release the GIL 
 loops); their working memory is O(B*E*N) whatever L is.  With the kernels, a Mamba-1 call
 without mask or packing (forward and decode step) runs `fused_forward`: BLAS for the four
 projections, one kernel for the conv and one for the scan with its softplus, skip and gate
-(a decode step: BLAS for in_proj and out_proj, one kernel for everything between).
+(a decode step: BLAS for in_proj and out_proj, one kernel for everything between; the same
+for a Mamba-2 step, `FUSED_STEPS`).
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ from .threads import num_threads, run_blocks
 
 __all__ = [
     "FUSED_FORWARDS",
+    "FUSED_STEPS",
     "NumpyBackend",
     "fused_forward",
     "fused_inner",
     "fused_inner_backward",
+    "fused_step_mamba1",
+    "fused_step_mamba2",
     "get_backend",
     "inner_operands",
     "num_threads",
@@ -229,16 +233,59 @@ def fused_inner_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D,
     return d_xz, d_cw, d_cb, d_wx, d_wdt, d_bias, d_a, d_d, d_cs, d_h0
 
 
+def fused_step_mamba1(params, x_t, config: MambaConfig, state=None, *, linear=dense):
+    """A Mamba-1 decode step: x_t (B, H) -> (out (B, H), MambaState), `fused_forward` on one
+    token (everything between in_proj and out_proj in `kernels.fused_step`)."""
+    out, new = fused_forward(params, x_t[:, None, :], config, state, linear=linear)
+    return out[:, 0, :], new
+
+
+def fused_step_mamba2(params, x_t, config: MambaConfig, state=None, *, linear=dense):
+    """A Mamba-2 decode step: x_t (B, H) -> (out (B, H), Mamba2State): in_proj and out_proj
+    on BLAS (`linear`), everything between in one kernel (`kernels.fused_step2`).  The same
+    arithmetic as the core's `mixer_step` (which the tests hold it to) without its
+    temporaries: a step of the core's mixer is some forty small array operations."""
+    from mamba_core.mixers.mamba2 import Mamba2State, conv_dim
+
+    dtype = x_t.dtype
+    batch, heads, n_state = x_t.shape[0], config.num_heads, config.d_state
+
+    def p(name):
+        return np.asarray(params[name], dtype=dtype)
+
+    proj = linear(x_t, p("in_proj.weight"), p("in_proj.bias") if config.use_bias else None)
+    channels, width = conv_dim(config), config.d_conv
+    if state is None:
+        conv_state = np.zeros((batch, channels, width), dtype)
+        h0 = np.zeros((batch, heads, config.head_dim, n_state), dtype)
+    else:
+        conv_state, h0 = state.conv_state, state.ssm_state
+    conv_b = p("conv1d.bias") if config.use_conv_bias else np.zeros(channels, dtype)
+    a_vec = p("A") if "A" in params else -np.exp(p("A_log"))
+    y, new_conv, h = kernels.fused_step2(
+        proj, p("conv1d.weight")[:, 0, :], conv_b, conv_state, p("dt_bias"), a_vec, p("D"),
+        p("norm.weight"), h0, groups=config.n_groups, time_step_limit=config.time_step_limit,
+        eps=config.layer_norm_epsilon,
+    )  # fmt: skip
+    out = linear(y, p("out_proj.weight"), p("out_proj.bias") if config.use_bias else None)
+    return out, Mamba2State(new_conv, h)
+
+
 #: mixer version -> its forward with compiled elementwise work (`backends.kernels`); the
 #: other versions run the core's mixer
 FUSED_FORWARDS = {"mamba1": fused_forward}
+#: mixer version -> its compiled one-token decode step (params, x_t, config, state, *,
+#: linear) -> (out, state); the other versions (Mamba-3) run the core's `mixer_step`
+FUSED_STEPS = {"mamba1": fused_step_mamba1, "mamba2": fused_step_mamba2}
 
 
-def fuses(x, config: MambaConfig, state, attention_mask=None, seq_idx=None) -> bool:
-    """Whether this call runs its version's compiled forward (`FUSED_FORWARDS`): SiLU,
-    float32/float64 throughout, no mask or packing (those take the core's mixer, Mamba-1
-    still on the compiled scan)."""
-    if FUSED_FORWARDS.get(config.version) is None or config.activation not in ("swish", "silu"):
+def fuses(x, config: MambaConfig, state, attention_mask=None, seq_idx=None, *,
+          step: bool = False) -> bool:  # fmt: skip
+    """Whether this call runs its version's compiled forward (`FUSED_FORWARDS`), or with
+    `step`, its compiled decode step (`FUSED_STEPS`): SiLU, float32/float64 throughout, no
+    mask or packing (those take the core's mixer, Mamba-1 still on the compiled scan)."""
+    table = FUSED_STEPS if step else FUSED_FORWARDS
+    if table.get(config.version) is None or config.activation not in ("swish", "silu"):
         return False
     if attention_mask is not None or seq_idx is not None or not kernels.supports(x.dtype):
         return False
@@ -282,9 +329,8 @@ class NumpyBackend(Backend):
         )  # fmt: skip
 
     def step(self, prepared, state: Any, x_t, config: MambaConfig):
-        if fuses(x_t, config, state):
-            out, state = FUSED_FORWARDS[config.version](prepared, x_t[:, None, :], config, state)
-            return out[:, 0, :], state
+        if fuses(x_t, config, state, step=True):
+            return FUSED_STEPS[config.version](prepared, x_t, config, state)
         scan = NATIVE_SCANS.get((config.version, "linear"))
         return mixer_step(prepared, state, x_t, config, scan=scan, xp=self.xp)
 

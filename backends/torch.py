@@ -61,6 +61,7 @@ from mamba_core.ssd3 import SSD3_ALGORITHMS, SSD3_DEFAULT_CHUNK
 from . import kernels
 from .numpy import (
     FUSED_FORWARDS,
+    FUSED_STEPS,
     dense,
     fused_inner,
     fused_inner_backward,
@@ -395,16 +396,17 @@ def _resolve_scan(config: MambaConfig, scan_type: str | None, device: torch.devi
 
 
 def _kernel_path(params, x: Array, config: MambaConfig, state, attention_mask=None,
-                 seq_idx=None) -> str | None:  # fmt: skip
-    """Which compiled CPU path (`backends.kernels`) runs this linear-scan call: "forward" (the
-    NumPy backend's whole fused forward on the tensors' own memory: nothing needs a
-    gradient), "train" (`_KERNEL_TRAINING`: in_proj and out_proj under autograd, the rest in
-    `_MambaInner`), or None.  Both need what `fuses` takes (Mamba-1, SiLU, float32/float64,
-    no mask or packing), every tensor on the CPU, and no torch.compile."""
+                 seq_idx=None, *, step: bool = False) -> str | None:  # fmt: skip
+    """Which compiled CPU path (`backends.kernels`) runs this linear-scan call (`step`: this
+    decode step): "forward" (the NumPy backend's fused forward or step on the tensors' own
+    memory: nothing needs a gradient), "train" (`_KERNEL_TRAINING`: in_proj and out_proj
+    under autograd, the rest in `_MambaInner`), or None.  Both need what `fuses` takes
+    (SiLU, float32/float64, no mask or packing, a version with kernels), every tensor on the
+    CPU, and no torch.compile."""
     if not x.is_cpu or torch.compiler.is_compiling():
         return None
     tensors = [*params.values(), *(() if state is None else state)]
-    if not fuses(x, config, state, attention_mask, seq_idx):
+    if not fuses(x, config, state, attention_mask, seq_idx, step=step):
         return None
     if not all(t.is_cpu for t in tensors):  # (`is_cpu`: a decode step asks it of every tensor)
         return None
@@ -430,16 +432,17 @@ def _kernel_forward(params, x: Array, config: MambaConfig, state, *, step: bool 
     sequence runs its projections on torch's BLAS: NumPy's OpenBLAS keeps its threads
     spinning for up to ~0.1 s after a call, which slowed the scan kernel started right after
     by up to 60% (measured: the forward 5-10% faster this way).  A decode step (x (B, H),
-    one token: its axis added and dropped on the NumPy side) keeps NumPy's BLAS, whose
-    one-token products measured twice as fast as torch's here."""
+    one token: `FUSED_STEPS`) keeps NumPy's BLAS, whose one-token products measured twice as
+    fast as torch's here."""
     arrays = {k: _view(v) for k, v in params.items()}
     np_state = None if state is None else type(state)(*map(_view, state))
-    x_np = _view(x)[:, None, :] if step else _view(x)
-    out, new = FUSED_FORWARDS[config.version](
-        arrays, x_np, config, np_state, linear=dense if step else _torch_linear
-    )  # fmt: skip
-    out = torch.from_numpy(out[:, 0, :] if step else out)
-    return out, type(state or new)(*map(torch.from_numpy, new))
+    if step:
+        out, new = FUSED_STEPS[config.version](arrays, _view(x), config, np_state, linear=dense)
+    else:
+        out, new = FUSED_FORWARDS[config.version](
+            arrays, _view(x), config, np_state, linear=_torch_linear
+        )  # fmt: skip
+    return torch.from_numpy(out), type(state or new)(*map(torch.from_numpy, new))
 
 
 def torch_forward(
@@ -479,7 +482,7 @@ def torch_forward(
 
 def torch_step(params: Mapping[str, Array], state: MambaState, x_t: Array, config: MambaConfig):
     """One decode step on torch tensors: x_t (B, H) -> (y_t (B, H), state)."""
-    if _kernel_path(params, x_t, config, state) == "forward":
+    if _kernel_path(params, x_t, config, state, step=True) == "forward":
         return _kernel_forward(params, x_t, config, state, step=True)
     return mixer_step(params, state, x_t, config, xp=xp_torch)
 

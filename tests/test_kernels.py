@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mamba_core import MambaModule, init_params, mixer_forward
+from mamba_core import MambaConfig, MambaModule, init_params, mixer_forward
 from mamba_core.backends import kernels
 from mamba_core.backends import numpy as npb
 from mamba_core.backends import threads as threads_mod
@@ -342,6 +342,85 @@ def test_decode_step_kernel_matches_core_and_reference(rng, dtype, overrides, bl
     assert_close(new.conv_state, ref_conv, dtype)
     # the state's older inputs move down a place, unchanged
     np.testing.assert_array_equal(new.conv_state[..., :-1], state.conv_state[..., 1:])
+
+
+MAMBA2_CONFIGS = [
+    {},
+    {"n_groups": 2, "use_bias": True},
+    {"use_conv_bias": False, "d_conv": 3, "time_step_limit": (0.3, 0.9)},  # both clamps hit
+    {"d_state": 13, "head_dim": 4, "expand_factor": 3, "layer_norm_epsilon": 1e-3},
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("overrides", MAMBA2_CONFIGS)
+def test_mamba2_decode_step_kernel_matches_core_and_reference(rng, dtype, overrides, blocks,
+                                                              monkeypatch):  # fmt: skip
+    # a Mamba-2 step on the NumPy backend runs `kernels.fused_step2`: against the core's step
+    # and the independent reference, from a non-zero state, batch rows over threads or not
+    from mamba_core.mixers.mamba2 import Mamba2State, conv_dim
+    from tests.reference import reference_forward_mamba2
+
+    cfg = MambaConfig(**{"version": "mamba2", "hidden_size": 16, "d_state": 8, "head_dim": 8,
+                         **overrides})  # fmt: skip
+    d = np.dtype(dtype)
+    params = {k: v.astype(d) for k, v in init_params(cfg, 3).items()}
+    x = rng.standard_normal((3, cfg.hidden_size)).astype(d)
+    state = Mamba2State(
+        rng.standard_normal((3, conv_dim(cfg), cfg.d_conv)).astype(d),
+        rng.standard_normal((3, cfg.num_heads, cfg.head_dim, cfg.d_state)).astype(d),
+    )
+    calls = []
+    step_kernel = kernels.fused_step2
+    monkeypatch.setattr(
+        kernels, "fused_step2", lambda *a, **k: calls.append(1) or step_kernel(*a, **k, threads=blocks)
+    )  # fmt: skip
+    backend = npb.get_backend()
+    prepared = backend.prepare(params, cfg)
+    out, new = backend.step(prepared, state, x, cfg)
+    assert calls == [1]
+    core, core_state = npb.mixer_step(prepared, state, x, cfg, xp=npb.xp_numpy)
+    ref, (ref_conv, ref_h) = reference_forward_mamba2(params, x[:, None, :], cfg, state)
+    assert out.dtype == new.ssm_state.dtype == new.conv_state.dtype == d
+    assert_close(out, core, dtype)
+    assert_close(out, ref[:, 0], dtype)
+    assert_close(new.ssm_state, core_state.ssm_state, dtype)
+    assert_close(new.ssm_state, ref_h, dtype)
+    assert_close(new.conv_state, ref_conv, dtype)
+    np.testing.assert_array_equal(new.conv_state[..., :-1], state.conv_state[..., 1:])
+    # a fresh state (None) is zeros, as the core's
+    out0, new0 = backend.step(prepared, None, x, cfg)
+    core0, core0_state = npb.mixer_step(prepared, None, x, cfg, xp=npb.xp_numpy)
+    assert_close(out0, core0, dtype)
+    assert_close(new0.ssm_state, core0_state.ssm_state, dtype)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_mamba2_steps_equal_the_forward_and_nan_stays_nan(rng, backend, monkeypatch):
+    # the module's decode loop on the kernel (NumPy, PyTorch on the CPU) equals one forward;
+    # a NaN input reaches the outputs through the clamp instead of being clipped away
+    require(backend)
+    calls = []
+    step_kernel = kernels.fused_step2
+    monkeypatch.setattr(
+        kernels, "fused_step2", lambda *a, **k: calls.append(1) or step_kernel(*a, **k)
+    )
+    cfg = MambaConfig(version="mamba2", hidden_size=16, d_state=8, head_dim=8,
+                      time_step_limit=(0.01, 0.5))  # fmt: skip
+    module = MambaModule(cfg, backend=backend, seed=1, dtype="float64")
+    x = rng.standard_normal((2, 9, 16))
+    full = np.asarray(module(x)["output"])
+    state = module(x[:, :5])["state"]
+    outs = []
+    for t in range(5, 9):
+        y, state = module.step(x[:, t], state)
+        outs.append(np.asarray(y))
+    assert len(calls) == 4
+    assert_close(np.stack(outs, axis=1), full[:, 5:], "float64")
+    bad = x[:, 5].copy()
+    bad[0, 3] = np.nan
+    y, state = module.step(bad, module(x[:, :5])["state"])
+    assert np.isnan(np.asarray(y)[0]).all() and np.isfinite(np.asarray(y)[1]).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
