@@ -381,6 +381,23 @@ if numba is not None:
                     y[b, t, e] = acc
 
     @_inline
+    def _conv_silu_token(x, w, bias, s_in, s_out, u):
+        # one token of the causal depthwise conv + SiLU, channel by channel: u[c] =
+        # silu(bias[c] + sum_j w[c, j] s_in[c, j+1] + w[c, K-1] x[c]); s_out (C,K) = the
+        # state's last K-1 inputs (s_in (C,K), oldest first, only read) and x
+        width = w.shape[1]
+        for c in range(u.shape[0]):
+            s_row, w_row = s_in[c], w[c]
+            acc = bias[c] + w_row[width - 1] * x[c]
+            for j in range(width - 1):
+                acc += w_row[j] * s_row[j + 1]
+                s_out[c, j] = s_row[j + 1]
+            s_out[c, width - 1] = x[c]
+            u[c] = acc
+        for c in range(u.shape[0]):
+            u[c] = _silu(u[c])
+
+    @_inline
     def _state_row(h_row, a_row, b_row, c_row, d, du):
         # one channel's step, in place: h = exp(d A) h + du B; returns h.C
         acc = _zero(h_row)
@@ -450,21 +467,11 @@ if numba is not None:
         # h = exp(dt A) h_in + dt u B; y (B,E) = (h.C + D u) silu(z).  The new states go to
         # conv_out and h (h_in, conv_in only read).  u (E,), x_dbl (R+2N,), rows (E,) scratch.
         channels, n_state = A.shape
-        width = w.shape[1]
         rank = dt_proj_w.shape[1]
         zero = _zero(u)
         for b in range(b0, b1):
             x_row = xz[b]
-            for e in range(channels):  # the conv over the state's last K-1 inputs and x
-                s_row, w_row = conv_in[b, e], w[e]
-                acc = bias[e] + w_row[width - 1] * x_row[e]
-                for j in range(width - 1):
-                    acc += w_row[j] * s_row[j + 1]
-                    conv_out[b, e, j] = s_row[j + 1]
-                conv_out[b, e, width - 1] = x_row[e]
-                u[e] = acc
-            for e in range(channels):
-                u[e] = _silu(u[e])
+            _conv_silu_token(x_row[:channels], w, bias, conv_in[b], conv_out[b], u)
             for k in range(x_dbl.shape[0]):  # x_proj: one dot product per output
                 p_row = x_proj_w[k]
                 acc = zero
@@ -513,23 +520,12 @@ if numba is not None:
         # dts (H,) scratch.  lo, hi, eps, inv_size: scalars of the arrays' dtype.
         heads, head_dim, n_state = h_in.shape[1], h_in.shape[2], h_in.shape[3]
         channels = w.shape[0]
-        width = w.shape[1]
         inner = heads * head_dim
         per_group = heads // groups
         group_size = inner // groups
         for b in range(b0, b1):
             row = proj[b]
-            for c in range(channels):  # the conv over the state's last K-1 inputs and x
-                s_row, w_row = conv_in[b, c], w[c]
-                v = row[inner + c]
-                acc = bias[c] + w_row[width - 1] * v
-                for j in range(width - 1):
-                    acc += w_row[j] * s_row[j + 1]
-                    conv_out[b, c, j] = s_row[j + 1]
-                conv_out[b, c, width - 1] = v
-                xbc[c] = acc
-            for c in range(channels):
-                xbc[c] = _silu(xbc[c])
+            _conv_silu_token(row[inner : inner + channels], w, bias, conv_in[b], conv_out[b], xbc)
             for k in range(heads):
                 d = _softplus(row[inner + channels + k] + dt_bias[k])
                 if clamp_lo and d < lo:  # (comparisons: a NaN dt stays NaN)
