@@ -1,5 +1,5 @@
 """Compiled CPU kernels for the Mamba-1 scan, forward, decode step and training backward,
-and the Mamba-2 decode step (numba; the optional `mamba-core[fast]` extra).
+and the Mamba-2 and Mamba-3 decode steps (numba; the optional `mamba-core[fast]` extra).
 
     conv_silu            the causal depthwise conv + SiLU (conv_silu_backward: its backward)
     scan                 the plain selective scan (packed restarts)
@@ -11,6 +11,8 @@ and the Mamba-2 decode step (numba; the optional `mamba-core[fast]` extra).
                          softplus, state update, skip, gate) in one kernel
     fused_step2          the same for Mamba-2 (conv, softplus and clamp, the heads' state
                          updates, skip, gate, grouped RMSNorm)
+    fused_step3          the same for Mamba-3 (B/C norms, dt, A, trapezoid, rotary angles,
+                         the heads' two-term state updates, skip, norm, gate, MIMO ranks)
 
 What they replace, and why: the NumPy scan (`backends.numpy.scan_linear`) spends seven
 library calls per step and NumPy's own `exp`, which runs at well under one exponential per
@@ -57,6 +59,7 @@ __all__ = [
     "fused_scan_backward",
     "fused_step",
     "fused_step2",
+    "fused_step3",
     "reason",
     "scan",
     "scan_backward",
@@ -556,6 +559,130 @@ if numba is not None:
                 for i in range(g * group_size, (g + 1) * group_size):
                     y_row[i] = y_row[i] * scale * norm_w[i]
 
+    @_inline
+    def _rotate_pairs(m, cos, sin, halved):
+        # rotate the S angle pairs of the N-vector m in place: (a, b) -> (a cos - b sin,
+        # a sin + b cos); pairs (2j, 2j+1) (SISO) or (j, j + N/2) (MIMO, `halved`)
+        half = m.shape[0] // 2
+        for j in range(cos.shape[0]):
+            i0, i1 = (j, j + half) if halved else (2 * j, 2 * j + 1)
+            a, b = m[i0], m[i1]
+            m[i0] = a * cos[j] - b * sin[j]
+            m[i1] = a * sin[j] + b * cos[j]
+
+    @_inline
+    def _rms_rows(src, weight, dst, eps, inv_n):
+        # dst[i] = src[i] / sqrt(mean(src[i]^2) + eps) * weight, row by row (src read in place)
+        for i in range(dst.shape[0]):
+            ss = _zero(eps)
+            for n in range(dst.shape[1]):
+                ss += src[i, n] * src[i, n]
+            scale = _one(eps) / np.sqrt(ss * inv_n + eps)
+            for n in range(dst.shape[1]):
+                dst[i, n] = src[i, n] * scale * weight[n]
+
+    @_jit
+    def _fused_step3(proj, dt_bias, b_bias, c_bias, b_norm, c_norm, D, mimo_x, mimo_z, mimo_o,
+                     norm_w, angle_in, h_in, k_in, v_in, angle_out, h, k_out, v_out, y, groups,
+                     halved, outproj_norm, a_floor, eps, pi, bn, cn, qt, vr, vp, yr, tang, cs,
+                     sn, b0, b1):  # fmt: skip
+        # one decode step of the Mamba-3 mixer after in_proj, for batch rows b0..b1: proj
+        # (B, 2E+2RGN+3H+S) = [z | x | Bp (R,G,N) | Cp | dd_dt | dd_A | trap | ang]; B and C
+        # RMS-normalised (bn, cn (R*G, N) scratch); per head: dt = softplus(dd_dt + dt_bias),
+        # A = -max(f(dd_A), a_floor), alpha = exp(dt A), lam = sigmoid(trap), beta = (1-lam) dt
+        # alpha, gam = lam dt; the angles phi = angle_in + pi tanh(ang) dt (mod 2 pi) rotate
+        # k_r = bn + B_bias (into k_out, the new key state) and q_r = cn + C_bias (qt);
+        # v_r = x mimo_x_r; h = alpha h_in + beta sum_r v_prev,r k_in_r^T + gam sum_r v_r
+        # k_r^T; y_r = h q_r + D v_r, [RMS over the head's P channels * norm_w], * silu(z
+        # mimo_z_r), summed over r with mimo_o.  SISO passes mimo_* of ones (R = 1: exact).
+        # The new states go to angle_out, h, k_out, v_out (the *_in only read).  vr, vp, yr
+        # (R, P), tang, cs, sn (S,) scratch; a_floor, eps, pi: scalars of the arrays' dtype.
+        ranks, heads, n_state = k_in.shape[1], k_in.shape[2], k_in.shape[3]
+        head_dim = h_in.shape[2]
+        inner = heads * head_dim
+        per_group = heads // groups
+        width = ranks * groups * n_state
+        o_dt = 2 * inner + 2 * width
+        o_ang = o_dt + 3 * heads
+        two_pi = pi + pi
+        inv_two_pi = _one(pi) / two_pi
+        one = _one(pi)
+        for b in range(b0, b1):
+            row = proj[b]
+            _rms_rows(row[2 * inner : 2 * inner + width].reshape((ranks * groups, n_state)),
+                      b_norm, bn, eps, one / n_state)  # fmt: skip
+            _rms_rows(row[2 * inner + width : o_dt].reshape((ranks * groups, n_state)),
+                      c_norm, cn, eps, one / n_state)  # fmt: skip
+            for j in range(tang.shape[0]):
+                tang[j] = pi * np.tanh(row[o_ang + j])
+            y_row = y[b]
+            for k in range(heads):
+                g0 = k // per_group
+                d = _softplus(row[o_dt + k] + dt_bias[k])
+                dd_a = row[o_dt + heads + k]
+                f = one + dd_a if dd_a >= 0 else one / (one - dd_a)
+                alpha = _exp(-max(f, a_floor) * d)
+                lam = _sigmoid(row[o_dt + 2 * heads + k])
+                beta = (one - lam) * d * alpha
+                gam = lam * d
+                for j in range(tang.shape[0]):
+                    inc = tang[j] * d
+                    inc -= two_pi * np.floor(inc * inv_two_pi)
+                    phi = angle_in[b, k, j] + inc
+                    phi -= two_pi * np.floor(phi * inv_two_pi)
+                    angle_out[b, k, j] = phi
+                    cs[j] = np.cos(phi)
+                    sn[j] = np.sin(phi)
+                x_now = row[inner + k * head_dim : inner + (k + 1) * head_dim]
+                x_old = v_in[b, k]
+                v_out[b, k] = x_now
+                for r in range(ranks):
+                    key, query = k_out[b, r, k], qt[r]
+                    src_b, src_c = bn[r * groups + g0], cn[r * groups + g0]
+                    bias_b, bias_c = b_bias[k, r], c_bias[k, r]
+                    for n in range(n_state):
+                        key[n] = src_b[n] + bias_b[n]
+                        query[n] = src_c[n] + bias_c[n]
+                    _rotate_pairs(key, cs, sn, halved)
+                    _rotate_pairs(query, cs, sn, halved)
+                    mx = mimo_x[k, r]
+                    for p in range(head_dim):
+                        vr[r, p] = x_now[p] * mx[p]
+                        vp[r, p] = x_old[p] * mx[p]
+                skip = D[k]
+                for p in range(head_dim):
+                    src, dst = h_in[b, k, p], h[b, k, p]
+                    c_old, c_new = beta * vp[0, p], gam * vr[0, p]
+                    k_old, k_new = k_in[b, 0, k], k_out[b, 0, k]
+                    for n in range(n_state):
+                        dst[n] = alpha * src[n] + c_old * k_old[n] + c_new * k_new[n]
+                    for r in range(1, ranks):
+                        c_old, c_new = beta * vp[r, p], gam * vr[r, p]
+                        k_old, k_new = k_in[b, r, k], k_out[b, r, k]
+                        for n in range(n_state):
+                            dst[n] += c_old * k_old[n] + c_new * k_new[n]
+                    for r in range(ranks):
+                        query = qt[r]
+                        acc = _zero(pi)
+                        for n in range(n_state):
+                            acc += dst[n] * query[n]
+                        yr[r, p] = acc + skip * vr[r, p]
+                out = y_row[k * head_dim : (k + 1) * head_dim]
+                z = row[k * head_dim : (k + 1) * head_dim]
+                out[:] = 0
+                for r in range(ranks):
+                    y_r = yr[r]
+                    if outproj_norm:
+                        ss = _zero(pi)
+                        for p in range(head_dim):
+                            ss += y_r[p] * y_r[p]
+                        scale = one / np.sqrt(ss / head_dim + eps)
+                        for p in range(head_dim):
+                            y_r[p] = y_r[p] * scale * norm_w[k * head_dim + p]
+                    mz, mo = mimo_z[k, r], mimo_o[k, r]
+                    for p in range(head_dim):
+                        out[p] += mo[p] * (y_r[p] * _silu(z[p] * mz[p]))
+
     @_jit
     def _fused_adjoint(u, dt_pre, dt_bias, A, bs, ob, cs, oc, D, z, oz, starts, chunk, dout, g,
                        hs, aa, rows, d_u, d_dtp, d_z, odz, d_b, d_c, d_a, d_d, d_bias, tile,
@@ -717,6 +844,7 @@ if numba is not None:
             _conv_silu_adjoint,
             _fused_step,
             _fused_step2,
+            _fused_step3,
         )
         for dtype in (np.float32, np.float64)
     }
@@ -919,6 +1047,66 @@ def fused_step2(proj, conv_w, conv_b, conv_state, dt_bias, A, D, norm_w, h0, *, 
     rows_of = plan_rows(batch, batch * heads * head_dim * n_state, threads)
     run_all(lambda i: kernel(*fixed, *scratch(), *rows_of[i]), len(rows_of))
     return fixed[11], fixed[9], fixed[10]
+
+
+_ONES: dict[tuple, np.ndarray] = {}
+
+
+def _ones(shape: tuple, dtype) -> np.ndarray:
+    """A cached array of ones (SISO's mimo_x, mimo_z, mimo_o; kernels only read it)."""
+    key = (shape, np.dtype(dtype).str)
+    if key not in _ONES:
+        _ONES[key] = np.ones(shape, dtype)
+    return _ONES[key]
+
+
+def fused_step3(proj, dt_bias, B_bias, C_bias, B_norm, C_norm, D, angle, h0, k0, v0, *,
+                groups: int, halved: bool, A_floor: float, eps: float, mimo_x=None,
+                mimo_z=None, mimo_o=None, norm_w=None, threads=None):  # fmt: skip
+    """One decode step of the Mamba-3 mixer from its in_proj output, compiled in one kernel:
+    B and C's RMSNorms and biases, dt's softplus, A and its floor, the trapezoid's weights,
+    the rotary angles and the rotation of k and q, each head's state update (the previous
+    and the current token's outer products) and read-out, the D skip, the optional per-head
+    RMSNorm, the SiLU gate and the MIMO sum over ranks (what the core's mixer does for
+    L = 1, without its temporaries).
+
+    proj (B, 2E+2RGN+3H+S) = [z | x | Bp | Cp | dd_dt | dd_A | trap | ang]; dt_bias, D (H,);
+    B_bias, C_bias (H,R,N); B_norm, C_norm (N,); the state angle (B,H,S), h0 (B,H,P,N), k0
+    (B,R,H,N), v0 (B,H,P); MIMO: mimo_x, mimo_z, mimo_o (H,R,P) (None: SISO); norm_w (E,) or
+    None (no output norm) -> y (B,E) before out_proj and the new (angle, h, k, v), the angles
+    reduced mod 2 pi.  The state is not modified.  Batch rows run on the pool when the
+    step's state updates are worth the threads."""
+    dtype = np.dtype(proj.dtype)
+    batch = proj.shape[0]
+    angle, h0, k0, v0 = (_c(a, dtype) for a in (angle, h0, k0, v0))
+    ranks, heads, n_state = k0.shape[1:]
+    head_dim, angles = h0.shape[2], angle.shape[2]
+    siso = _ones((heads, 1, head_dim), dtype)
+    mimo = [siso if m is None else _c(m, dtype) for m in (mimo_x, mimo_z, mimo_o)]
+    fixed = (
+        _c(proj, dtype), _c(dt_bias, dtype), _c(B_bias, dtype), _c(C_bias, dtype),
+        _c(B_norm, dtype), _c(C_norm, dtype), _c(D, dtype), *mimo,
+        _ones((heads * head_dim,), dtype) if norm_w is None else _c(norm_w, dtype), angle, h0,
+        k0, v0,
+        np.empty_like(angle), np.empty_like(h0), np.empty_like(k0), np.empty_like(v0),
+        np.empty((batch, heads * head_dim), dtype), groups, halved, norm_w is not None,
+        dtype.type(A_floor), dtype.type(eps), dtype.type(np.pi),
+    )  # fmt: skip
+    kernel = _KERNELS[dtype][8]
+
+    def scratch() -> tuple:  # each block its own rows
+        rank_rows = np.empty((ranks * groups, n_state), dtype)
+        return (
+            rank_rows, np.empty_like(rank_rows), np.empty((ranks, n_state), dtype),
+            *(np.empty((ranks, head_dim), dtype) for _ in range(3)),
+            *(np.empty(angles, dtype) for _ in range(3)),
+        )  # fmt: skip
+
+    if ("fused_step3", dtype.str) not in _SEEN:  # compile / load on an empty block
+        _timed("fused_step3", kernel, *fixed, *scratch(), 0, 0)
+    rows_of = plan_rows(batch, batch * heads * head_dim * n_state * (2 * ranks + 1), threads)
+    run_all(lambda i: kernel(*fixed, *scratch(), *rows_of[i]), len(rows_of))
+    return fixed[19], (fixed[15], fixed[16], fixed[17], fixed[18])
 
 
 def fused_scan_backward(

@@ -12,7 +12,7 @@ loops); their working memory is O(B*E*N) whatever L is.  With the kernels, a Mam
 without mask or packing (forward and decode step) runs `fused_forward`: BLAS for the four
 projections, one kernel for the conv and one for the scan with its softplus, skip and gate
 (a decode step: BLAS for in_proj and out_proj, one kernel for everything between; the same
-for a Mamba-2 step, `FUSED_STEPS`).
+for a Mamba-2 and a Mamba-3 step, `FUSED_STEPS`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ __all__ = [
     "fused_inner_backward",
     "fused_step_mamba1",
     "fused_step_mamba2",
+    "fused_step_mamba3",
     "get_backend",
     "inner_operands",
     "num_threads",
@@ -271,12 +272,49 @@ def fused_step_mamba2(params, x_t, config: MambaConfig, state=None, *, linear=de
     return out, Mamba2State(new_conv, h)
 
 
+def fused_step_mamba3(params, x_t, config: MambaConfig, state=None, *, linear=dense):
+    """A Mamba-3 decode step: x_t (B, H) -> (out (B, H), Mamba3State): in_proj and out_proj
+    on BLAS (`linear`), everything between in one kernel (`kernels.fused_step3`), the same
+    arithmetic as the core's `mixer_step` (which the tests hold it to)."""
+    from mamba_core.mixers.mamba3 import EPS, Mamba3State, sizes
+
+    dtype = x_t.dtype
+    _, _, heads, head_dim, groups, n_state, ranks, angles = sizes(config)
+    batch = x_t.shape[0]
+
+    def p(name):
+        return np.asarray(params[name], dtype=dtype)
+
+    def opt(name):
+        return p(name) if name in params else None
+
+    proj = linear(x_t, p("in_proj.weight"))
+    if state is None:
+        state = Mamba3State(
+            np.zeros((batch, heads, angles), dtype),
+            np.zeros((batch, heads, head_dim, n_state), dtype),
+            np.zeros((batch, ranks, heads, n_state), dtype),
+            np.zeros((batch, heads, head_dim), dtype),
+        )
+    y, new = kernels.fused_step3(
+        proj, p("dt_bias"), p("B_bias"), p("C_bias"), p("B_norm.weight"), p("C_norm.weight"),
+        p("D"), *state, groups=groups, halved=config.mimo, A_floor=config.A_floor,
+        eps=EPS, mimo_x=opt("mimo_x"), mimo_z=opt("mimo_z"), mimo_o=opt("mimo_o"),
+        norm_w=opt("norm.weight"),
+    )  # fmt: skip
+    return linear(y, p("out_proj.weight")), Mamba3State(*new)
+
+
 #: mixer version -> its forward with compiled elementwise work (`backends.kernels`); the
 #: other versions run the core's mixer
 FUSED_FORWARDS = {"mamba1": fused_forward}
 #: mixer version -> its compiled one-token decode step (params, x_t, config, state, *,
-#: linear) -> (out, state); the other versions (Mamba-3) run the core's `mixer_step`
-FUSED_STEPS = {"mamba1": fused_step_mamba1, "mamba2": fused_step_mamba2}
+#: linear) -> (out, state)
+FUSED_STEPS = {
+    "mamba1": fused_step_mamba1,
+    "mamba2": fused_step_mamba2,
+    "mamba3": fused_step_mamba3,
+}
 
 
 def fuses(x, config: MambaConfig, state, attention_mask=None, seq_idx=None, *,
@@ -289,7 +327,7 @@ def fuses(x, config: MambaConfig, state, attention_mask=None, seq_idx=None, *,
         return False
     if attention_mask is not None or seq_idx is not None or not kernels.supports(x.dtype):
         return False
-    return state is None or (state.conv_state.dtype == x.dtype and state.ssm_state.dtype == x.dtype)
+    return state is None or all(field.dtype == x.dtype for field in state)
 
 
 class NumpyBackend(Backend):

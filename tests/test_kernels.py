@@ -423,6 +423,92 @@ def test_mamba2_steps_equal_the_forward_and_nan_stays_nan(rng, backend, monkeypa
     assert np.isnan(np.asarray(y)[0]).all() and np.isfinite(np.asarray(y)[1]).all()
 
 
+MAMBA3_CONFIGS = [
+    {},
+    {"mimo": True, "mimo_rank": 2},
+    {"mimo": True, "mimo_rank": 3, "n_groups": 2, "outproj_norm": True},
+    {"rope_fraction": 1.0, "outproj_norm": True, "d_state": 16, "A_floor": 0.5},
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("overrides", MAMBA3_CONFIGS)
+def test_mamba3_decode_step_kernel_matches_core_and_reference(rng, dtype, overrides, blocks,
+                                                              monkeypatch):  # fmt: skip
+    # a Mamba-3 step on the NumPy backend runs `kernels.fused_step3`: against the core's step
+    # and the independent per-token reference, from a random state (angles past 2 pi
+    # included), every parameter perturbed off its constant init, batch rows split or not
+    from mamba_core.mixer import state_shapes
+    from mamba_core.mixers.mamba3 import Mamba3State
+    from tests.reference3 import mamba3_reference
+    from tests.test_mamba3 import assert_state_close, cfg3, params3
+
+    cfg = cfg3(**overrides)
+    d = np.dtype(dtype)
+    params = {k: v.astype(d) for k, v in params3(cfg, 3).items()}
+    x = rng.standard_normal((3, cfg.hidden_size)).astype(d)
+    state = Mamba3State(
+        *(4 * rng.standard_normal(shape).astype(d) for shape, _ in state_shapes(cfg, 3).values())
+    )
+    before = [np.array(s, copy=True) for s in state]
+    calls = []
+    step_kernel = kernels.fused_step3
+    monkeypatch.setattr(
+        kernels, "fused_step3", lambda *a, **k: calls.append(1) or step_kernel(*a, **k, threads=blocks)
+    )  # fmt: skip
+    backend = npb.get_backend()
+    prepared = backend.prepare(params, cfg)
+    out, new = backend.step(prepared, state, x, cfg)
+    assert calls == [1]
+    for old, kept in zip(state, before, strict=True):
+        np.testing.assert_array_equal(old, kept)  # the step made a new state
+    core, core_state = npb.mixer_step(prepared, state, x, cfg, xp=npb.xp_numpy)
+    ref, ref_state = mamba3_reference(params, x[:, None, :].astype(np.float64), cfg, state)
+    assert out.dtype == d and all(s.dtype == d for s in new)
+    assert_close(out, core, dtype)
+    assert_close(out, ref[:, 0], dtype)
+    assert_state_close(new, core_state, dtype)
+    assert_state_close(new, ref_state, dtype)
+    assert np.all((new.angle >= 0) & (new.angle <= 2 * np.pi))  # reduced, as the core's
+    # a fresh state (None) is zeros, as the core's
+    out0, new0 = backend.step(prepared, None, x, cfg)
+    core0, core0_state = npb.mixer_step(prepared, None, x, cfg, xp=npb.xp_numpy)
+    assert_close(out0, core0, dtype)
+    assert_state_close(new0, core0_state, dtype)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("mimo", [False, True])
+def test_mamba3_module_decode_runs_the_kernel_and_equals_the_forward(rng, backend, mimo,
+                                                                   monkeypatch):  # fmt: skip
+    # float32 (test_mamba3's decode test runs float64): the module's decode loop on NumPy and
+    # PyTorch's CPU path calls the kernel once a token and equals one forward; a NaN input
+    # stays NaN in its own row and does not reach the other
+    require(backend)
+    from tests.test_mamba3 import cfg3, params3
+
+    calls = []
+    step_kernel = kernels.fused_step3
+    monkeypatch.setattr(
+        kernels, "fused_step3", lambda *a, **k: calls.append(1) or step_kernel(*a, **k)
+    )
+    cfg = cfg3(mimo=mimo, mimo_rank=2, outproj_norm=mimo)
+    module = MambaModule(cfg, backend=backend, dtype="float32", state_dict=params3(cfg, 1))
+    x = rng.standard_normal((2, 9, 16)).astype(np.float32)
+    full = np.asarray(module(x)["output"])
+    state = module(x[:, :5])["state"]
+    outs = []
+    for t in range(5, 9):
+        y, state = module.step(x[:, t], state)
+        outs.append(np.asarray(y))
+    assert len(calls) == 4
+    assert_close(np.stack(outs, axis=1), full[:, 5:], "float32")
+    bad = x[:, 5].copy()
+    bad[0, 3] = np.nan
+    y, _ = module.step(bad, module(x[:, :5])["state"])
+    assert np.isnan(np.asarray(y)[0]).all() and np.isfinite(np.asarray(y)[1]).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_step_equals_forward_and_keeps_old_state(rng, dtype):
     cfg = small_config()
