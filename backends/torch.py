@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,6 +79,7 @@ __all__ = [
     "build_parameters",
     "context_forward",
     "get_backend",
+    "kernel_blas",
     "replace_mixers",
     "torch_forward",
     "torch_step",
@@ -216,6 +218,103 @@ class _LinearScan(torch.autograd.Function):
         return du, d_dt, d_a, d_b, d_c, g
 
 
+#: the BLAS that runs the kernel paths' products, per dtype name: (library, NumPy's and
+#: torch's measured GFLOP/s), measured once per process (`_blas`)
+_BLAS: dict[str, tuple[str, float, float]] = {}
+#: NumPy's BLAS replaces torch's only when it measured this much faster: when the two are
+#: close, torch's keeps NumPy's OpenBLAS threads from spinning beside the kernels (which
+#: measured 5-10% on the forward of an AVX2 machine whose two BLAS ran at the same rate)
+NUMPY_BLAS_MARGIN = 1.25
+#: `MAMBA_CORE_TORCH_BLAS=numpy` or `=torch` skips the measurement and forces the choice
+BLAS_ENV = "MAMBA_CORE_TORCH_BLAS"
+
+
+def _blas(dtype) -> str:
+    """Which BLAS runs this dtype's products on the CPU kernel paths: "numpy" or "torch".
+
+    Measured, not assumed: torch's CPU wheels link MKL, which on AMD CPUs runs its AVX2
+    kernels (an AVX-512 AMD EPYC here: 186-203 GFLOP/s against NumPy's OpenBLAS at 420-480 on
+    the seed layer's products), while on Intel CPUs or where both run the same kernels the
+    two are close.  The first kernel-path call of a dtype times one 1024x768x1024 product on
+    each, best of three (a few ms, once per process)."""
+    name = str(dtype).rsplit(".", 1)[-1]
+    entry = _BLAS.get(name)
+    if entry is None:
+        forced = os.environ.get(BLAS_ENV, "").strip().lower()
+        if forced in ("numpy", "torch"):
+            entry = (forced, float("nan"), float("nan"))
+        elif forced:
+            raise ValueError(f"{BLAS_ENV} must be 'numpy' or 'torch', got {forced!r}")
+        else:
+            entry = _measure_blas(np.dtype(name))
+        _BLAS[name] = entry
+    return entry[0]
+
+
+def kernel_blas(dtype=torch.float32) -> dict[str, Any]:
+    """Whose BLAS the CPU kernel paths run `dtype`'s products on here, and the rates that
+    decided it: {"choice": "numpy" | "torch", "numpy_gflops", "torch_gflops"} (NaN rates
+    when `MAMBA_CORE_TORCH_BLAS` forced the choice)."""
+    _blas(dtype)
+    entry = _BLAS[str(dtype).rsplit(".", 1)[-1]]
+    return dict(zip(("choice", "numpy_gflops", "torch_gflops"), entry, strict=True))
+
+
+def _measure_blas(dtype: np.dtype) -> tuple[str, float, float]:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((1024, 768)).astype(dtype)
+    w = rng.standard_normal((1024, 768)).astype(dtype)
+    ta, tw = torch.from_numpy(a), torch.from_numpy(w)
+
+    def rate(product) -> float:
+        product()  # (thread pools start, code paths load)
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - start)
+        return 2 * 1024 * 768 * 1024 / best / 1e9
+
+    numpy_rate, torch_rate = rate(lambda: dense(a, w)), rate(lambda: F.linear(ta, tw))
+    choice = "numpy" if numpy_rate >= NUMPY_BLAS_MARGIN * torch_rate else "torch"
+    return choice, round(numpy_rate, 1), round(torch_rate, 1)
+
+
+def _products(dtype):
+    """(linear, matmul) on NumPy arrays for the kernel paths, on the BLAS `_blas` chose."""
+    if _blas(dtype) == "numpy":
+        return dense, np.matmul
+    return _torch_linear, _torch_matmul
+
+
+class _NumpyLinear(torch.autograd.Function):
+    """`F.linear` with its products on NumPy's BLAS, forward and backward: in_proj and
+    out_proj of a training call on the kernels where `_blas` chose NumPy's (torch's would
+    run them on the slower BLAS; the rest of the layer is already on NumPy arrays)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        b = None if bias is None else _view(bias)
+        return torch.from_numpy(dense(_view(x), _view(weight), b))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        rows = np.ascontiguousarray(_view(dy)).reshape(-1, dy.shape[-1])
+        need_x, need_w, need_b = ctx.needs_input_grad
+        dx = dw = db = None
+        if need_x:
+            dx = torch.from_numpy(np.matmul(rows, _view(weight)).reshape(x.shape))
+        if need_w:
+            dw = torch.from_numpy(np.matmul(rows.T, _view(x).reshape(-1, x.shape[-1])))
+        if need_b and ctx.has_bias:
+            db = torch.from_numpy(rows.sum(axis=0))
+        return dx, dw, db
+
+
 class _MambaInner(torch.autograd.Function):
     """Mamba-1 from the in_proj output to the gated y (before out_proj), on the compiled CPU
     kernels, with a hand-written backward pass: the official `mamba_inner_fn`'s split.
@@ -234,9 +333,9 @@ class _MambaInner(torch.autograd.Function):
                 dt_rank):  # fmt: skip
         saved = (xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, conv_state)
         arrays = (t.detach().numpy() for t in (*saved, h0))
-        # the products on torch's BLAS (`_torch_linear`: see `_kernel_forward`)
+        # the products on the BLAS `_blas` chose (see `_kernel_forward`)
         chunk = kernels.BACKWARD_CHUNK
-        inner = fused_inner(*arrays, dt_rank, linear=_torch_linear, chunk=chunk)
+        inner = fused_inner(*arrays, dt_rank, linear=_products(xz.dtype)[0], chunk=chunk)
         ctx.dt_rank = dt_rank
         ctx.save_for_backward(*saved, *(torch.from_numpy(v) for v in (inner.x_dbl, inner.starts)))
         return tuple(torch.from_numpy(v) for v in (inner.y, inner.conv_state, inner.h))
@@ -249,9 +348,10 @@ class _MambaInner(torch.autograd.Function):
         dy = xz.new_zeros((*xz.shape[:2], xz.shape[2] // 2)) if dy is None else dy
         d_conv = torch.zeros_like(cs) if d_conv is None else d_conv
         dh = torch.zeros_like(starts[0]) if dh is None else dh
+        linear, matmul = _products(xz.dtype)
         grads = fused_inner_backward(
             *(t.numpy() for t in (*tensors, dy, d_conv, dh)), ctx.dt_rank,
-            linear=_torch_linear, matmul=_torch_matmul, chunk=kernels.BACKWARD_CHUNK,
+            linear=linear, matmul=matmul, chunk=kernels.BACKWARD_CHUNK,
         )  # fmt: skip
         return (*(torch.from_numpy(g) for g in grads), None)
 
@@ -262,9 +362,10 @@ def _torch_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _kernel_train(params, x: Array, config: MambaConfig, state):
-    """The Mamba-1 mixer for a call that trains: in_proj and out_proj under autograd, all
-    between them in `_MambaInner`."""
+    """The Mamba-1 mixer for a call that trains: in_proj and out_proj under autograd (on
+    the BLAS `_blas` chose), all between them in `_MambaInner`."""
     dtype = x.dtype
+    linear = _NumpyLinear.apply if _blas(dtype) == "numpy" else F.linear
 
     def p(name):
         return params[name].to(dtype)
@@ -275,10 +376,10 @@ def _kernel_train(params, x: Array, config: MambaConfig, state):
     def zeros(shape):
         return x.new_zeros(shape)
 
-    xz = F.linear(x, p("in_proj.weight"), opt("in_proj.bias", config.use_bias))
+    xz = linear(x, p("in_proj.weight"), opt("in_proj.bias", config.use_bias))
     operands = inner_operands(params, config, x, state, cast=p, zeros=zeros, exp=torch.exp)
     y, conv_state, h = _MambaInner.apply(xz, *operands, config.dt_rank)
-    out = F.linear(y, p("out_proj.weight"), opt("out_proj.bias", config.use_bias))
+    out = linear(y, p("out_proj.weight"), opt("out_proj.bias", config.use_bias))
     return out, MambaState(conv_state, h)
 
 
@@ -429,18 +530,19 @@ def _view(t: Array) -> np.ndarray:
 
 def _kernel_forward(params, x: Array, config: MambaConfig, state, *, step: bool = False):
     """`fused_forward` on NumPy views of the tensors (no copies); torch tensors back.  A whole
-    sequence runs its projections on torch's BLAS: NumPy's OpenBLAS keeps its threads
-    spinning for up to ~0.1 s after a call, which slowed the scan kernel started right after
-    by up to 60% (measured: the forward 5-10% faster this way).  A decode step (x (B, H),
-    one token: `FUSED_STEPS`) keeps NumPy's BLAS, whose one-token products measured twice as
-    fast as torch's here."""
+    sequence runs its projections on the BLAS `_blas` measured faster (torch's where the two
+    are close: NumPy's OpenBLAS keeps its threads spinning for up to ~0.1 s after a call,
+    which slowed the scan kernel started right after by up to 60%; measured on an AVX2
+    machine, the forward 5-10% faster on torch's).  A decode step (x (B, H), one token:
+    `FUSED_STEPS`) keeps NumPy's BLAS, whose one-token products measured twice as fast as
+    torch's."""
     arrays = {k: _view(v) for k, v in params.items()}
     np_state = None if state is None else type(state)(*map(_view, state))
     if step:
         out, new = FUSED_STEPS[config.version](arrays, _view(x), config, np_state, linear=dense)
     else:
         out, new = FUSED_FORWARDS[config.version](
-            arrays, _view(x), config, np_state, linear=_torch_linear
+            arrays, _view(x), config, np_state, linear=_products(x.dtype)[0]
         )  # fmt: skip
     return torch.from_numpy(out), type(state or new)(*map(torch.from_numpy, new))
 
@@ -671,6 +773,7 @@ class TorchBackend(Backend):
             "compiled_scan": _compile_default(),
             "kernels": kernels.reason(),
             "kernel_compile_s": round(kernels.compile_seconds(), 3),
+            "kernel_blas": {name: choice for name, (choice, _, _) in _BLAS.items()},
         }
 
 

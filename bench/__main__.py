@@ -384,6 +384,7 @@ def dispatch_lines(machine: dict) -> list[str]:
         f"{p['internal_api']} {p['version']} ({p['architecture']}, {p['num_threads']} threads)"
         for p in d.get("threadpools", [])
     )
+    blas = d.get("torch_kernel_blas", {})
     return [
         "Dispatch on this CPU:",
         f"- CPU: {d.get('cpu', '?')}; vector extensions: "
@@ -393,7 +394,9 @@ def dispatch_lines(machine: dict) -> list[str]:
         f"{', '.join(d.get('numpy_simd_not_found', [])) or 'none'}",
         f"- BLAS / thread pools (threadpoolctl): {pools or '?'}",
         f"- PyTorch CPU capability: {d.get('torch_cpu_capability', '?')} "
-        f"({d.get('torch_threads', '?')} threads)",
+        f"({d.get('torch_threads', '?')} threads); its CPU kernel paths' products on "
+        f"{blas.get('choice', '?')}'s BLAS (float32 measured {blas.get('numpy_gflops', '?')} "
+        f"GFLOP/s on NumPy's, {blas.get('torch_gflops', '?')} on torch's)",
         f"- Compiled kernels: {d.get('kernels', '?')}"
         + (f", compiled for {d['numba_target_cpu']}" if "numba_target_cpu" in d else ""),
         f"- Read rate of a decode step's weights (best GEMV): "

@@ -440,6 +440,9 @@ def dispatch_report() -> dict[str, Any]:
 
         report["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         report["torch_threads"] = torch.get_num_threads()
+        from mamba_core.backends.torch import kernel_blas
+
+        report["torch_kernel_blas"] = kernel_blas(torch.float32)
     except ImportError:  # pragma: no cover
         pass
     from mamba_core.backends import kernels

@@ -594,11 +594,16 @@ def test_fallback_without_numba_gives_the_same_numbers():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_torch_cpu_inference_runs_the_kernels_and_matches_autograd_path(rng, dtype):
+@pytest.mark.parametrize("blas", ["torch", "numpy"])
+def test_torch_cpu_inference_runs_the_kernels_and_matches_autograd_path(rng, dtype, blas,
+                                                                       monkeypatch):  # fmt: skip
     require("torch")
     import torch
 
+    from mamba_core.backends import torch as mt
     from mamba_core.backends.torch import MambaTorch, get_backend
+
+    monkeypatch.setattr(mt, "_BLAS", {dtype: (blas, float("nan"), float("nan"))})
 
     cfg = small_config()
     model = MambaTorch(cfg, seed=2, dtype=getattr(torch, dtype))
@@ -612,6 +617,35 @@ def test_torch_cpu_inference_runs_the_kernels_and_matches_autograd_path(rng, dty
     assert_close(s.ssm_state, s_grad.ssm_state.detach(), dtype)
     assert_close(step, y[:, 12], dtype)
     assert get_backend().call_info()["kernels"].startswith("numba ")
+    assert get_backend().call_info()["kernel_blas"] == {dtype: blas}
+
+
+def test_torch_kernel_blas_is_measured_or_forced(monkeypatch):
+    # the kernel paths' BLAS: measured once per dtype (both rates real), or forced by the
+    # environment variable; anything else there is an error naming it
+    require("torch")
+    import torch
+
+    from mamba_core.backends import torch as mt
+
+    monkeypatch.delenv(mt.BLAS_ENV, raising=False)
+    monkeypatch.setattr(mt, "_BLAS", {})
+    choice = mt._blas(torch.float32)
+    name, numpy_rate, torch_rate = mt._BLAS["float32"]
+    assert choice == name and numpy_rate > 0 and torch_rate > 0
+    assert (name == "numpy") == (numpy_rate >= mt.NUMPY_BLAS_MARGIN * torch_rate)
+    assert mt._blas(torch.float32) == choice and list(mt._BLAS) == ["float32"]  # measured once
+    assert mt.kernel_blas(torch.float32) == {
+        "choice": name, "numpy_gflops": numpy_rate, "torch_gflops": torch_rate,
+    }  # fmt: skip
+    for forced in ("numpy", "torch"):
+        monkeypatch.setattr(mt, "_BLAS", {})
+        monkeypatch.setenv(mt.BLAS_ENV, forced)
+        assert mt._blas(torch.float64) == forced
+    monkeypatch.setattr(mt, "_BLAS", {})
+    monkeypatch.setenv(mt.BLAS_ENV, "mkl")
+    with pytest.raises(ValueError, match="MAMBA_CORE_TORCH_BLAS must be 'numpy' or 'torch'"):
+        mt._blas(torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -657,8 +691,9 @@ def _graph_names(tensor) -> set[str]:
     "overrides", [{"use_bias": True}, {"use_conv_bias": False, "d_conv": 3}], ids=["bias", "K3"]
 )
 @pytest.mark.parametrize("L", [70, 2])
+@pytest.mark.parametrize("blas", ["torch", "numpy"])
 def test_torch_training_runs_the_fused_kernels_and_matches_the_torch_path(
-    rng, dtype, overrides, L, monkeypatch
+    rng, dtype, overrides, L, blas, monkeypatch
 ):  # fmt: skip
     # a training call of MambaTorch on the CPU from a non-zero state that itself needs a
     # gradient, over a ragged last chunk (70 = 64 + 6 steps: `kernels.BACKWARD_CHUNK`) or
@@ -667,11 +702,14 @@ def test_torch_training_runs_the_fused_kernels_and_matches_the_torch_path(
     # (`_MambaInner`), against the same module with the kernels off (autograd through the
     # core's conv, SiLU, projections, scan and gate): output, both final states, every
     # parameter's gradient and those of the input and both states in, with a loss on the
-    # output and both states out
+    # output and both states out; the kernel path's products on either BLAS (`_blas`)
     require("torch")
     import torch
 
+    from mamba_core.backends import torch as mt
     from mamba_core.backends.torch import MambaTorch
+
+    monkeypatch.setattr(mt, "_BLAS", {dtype: (blas, float("nan"), float("nan"))})
 
     cfg = small_config(**overrides)
     x_np = rng.standard_normal((2, L, cfg.hidden_size)).astype(dtype)
@@ -686,6 +724,7 @@ def test_torch_training_runs_the_fused_kernels_and_matches_the_torch_path(
         x = torch.tensor(x_np, requires_grad=True)
         y, s = model(x, state=state, return_state=True)
         assert ("_MambaInnerBackward" in _graph_names(y)) == compiled
+        assert ("_NumpyLinearBackward" in _graph_names(y)) == (compiled and blas == "numpy")
         loss = y.square().sum() + s.ssm_state.pow(3).sum() + (s.conv_state * 0.5).exp().sum()
         loss.backward()
         grads = [p.grad for _, p in sorted(model.named_parameters())]
