@@ -304,9 +304,17 @@ def _linear_vjp_scan(size: int, packed: bool):
 # entry points, so no trace outlives a switch.
 
 
+#: the mixer versions whose whole layer has a host callback pair here (`_host_mamba1`); the
+#: others (Mamba-2's fused forward has no backward pass yet) keep XLA's layer
+_HOST_VERSIONS = ("mamba1",)
+
+
 def _host_layer(on: bool, config: MambaConfig, x, scan_type: str, mask, seq_idx=None) -> bool:
     """Whether this trace runs the layer on the kernels (`on`: they are available; JAX on
-    the CPU; the linear scan; what the NumPy backend's fused forward takes)."""
+    the CPU; the linear scan; a version in `_HOST_VERSIONS`; what the NumPy backend's fused
+    forward takes)."""
+    if config.version not in _HOST_VERSIONS:
+        return False
     return bool(on and scan_type == "linear" and jax.default_backend() == "cpu") and fuses(
         x, config, None, mask, seq_idx
     )

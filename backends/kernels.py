@@ -60,10 +60,12 @@ __all__ = [
     "fused_step",
     "fused_step2",
     "fused_step3",
+    "gated_rmsnorm",
     "reason",
     "scan",
     "scan_backward",
     "scan_with_starts",
+    "ssd_scan",
     "supports",
 ]
 
@@ -560,6 +562,78 @@ if numba is not None:
                     y_row[i] = y_row[i] * scale * norm_w[i]
 
     @_inline
+    def _head_row(h_row, decay, b_row, c_row, dx):
+        # one channel of a Mamba-2 head, in place: h = decay h + dx B; returns h.C
+        acc = _zero(h_row)
+        for n in range(h_row.shape[0]):
+            v = decay * h_row[n] + dx * b_row[n]
+            h_row[n] = v
+            acc += v * c_row[n]
+        return acc
+
+    @_jit
+    def _ssd_scan(xs, ox, bs, ob, cs, oc, dts, odt, dt_bias, A, D, keep, s_in, s, y, heads,
+                  groups, pre, lo, hi, clamp_lo, clamp_hi, q0, q1):  # fmt: skip
+        # the Mamba-2 recurrence for the (batch row, head) pairs q0..q1 (q = b * H + h), one
+        # head's (P, N) state in cache for the whole sequence: per step, dt = dts[..., odt +
+        # h] (`pre`: softplus(dt + dt_bias), clamped to [lo, hi] where asked), decay =
+        # exp(dt A_h) (* keep[b, t]: packed restarts; keep of shape (0, 0): none), and per
+        # channel p: S[p] = decay S[p] + dt x[p] B_g, y[p] = S[p].C_g + D_h x[p], with x =
+        # xs[..., ox : ox + H*P], B = bs[..., ob : ob + G*N], C = cs[..., oc : oc + G*N]
+        # (column blocks of larger arrays, group g(h) = h // (H/G)).  The state starts from
+        # s_in (only read) and ends in s.
+        length = y.shape[1]
+        head_dim, n_state = s.shape[2], s.shape[3]
+        per_group = heads // groups
+        packed = keep.shape[0] > 0
+        for q in range(q0, q1):
+            b, k = q // heads, q % heads
+            g0 = (k // per_group) * n_state
+            state = s[b, k]
+            state[:] = s_in[b, k]
+            skip, a_k = D[k], A[k]
+            for t in range(length):
+                d = dts[b, t, odt + k]
+                if pre:
+                    d = _softplus(d + dt_bias[k])
+                    if clamp_lo and d < lo:  # (comparisons: a NaN dt stays NaN)
+                        d = lo
+                    if clamp_hi and d > hi:
+                        d = hi
+                decay = _exp(d * a_k)
+                if packed:
+                    decay *= keep[b, t]
+                x_row = xs[b, t, ox + k * head_dim : ox + (k + 1) * head_dim]
+                b_row = bs[b, t, ob + g0 : ob + g0 + n_state]
+                c_row = cs[b, t, oc + g0 : oc + g0 + n_state]
+                y_row = y[b, t, k * head_dim : (k + 1) * head_dim]
+                for p in range(head_dim):
+                    xv = x_row[p]
+                    y_row[p] = _head_row(state[p], decay, b_row, c_row, d * xv) + skip * xv
+
+    @_jit
+    def _gated_norm(y, z, oz, weight, groups, eps, r0, r1):
+        # Mamba-2's gated RMSNorm in place, rows r0..r1 of y (R, E): y = RMS over each of the
+        # G channel groups of (y silu(z)), times weight; z = z[:, oz : oz + E]
+        width = y.shape[1]
+        size = width // groups
+        inv = _one(eps) / size
+        for r in range(r0, r1):
+            y_row = y[r]
+            z_row = z[r, oz : oz + width]
+            for i in range(width):
+                y_row[i] = y_row[i] * _silu(z_row[i])
+            for g in range(groups):
+                part = y_row[g * size : (g + 1) * size]
+                ss = _zero(eps)
+                for i in range(size):
+                    ss += part[i] * part[i]
+                scale = _one(eps) / np.sqrt(ss * inv + eps)
+                w_part = weight[g * size : (g + 1) * size]
+                for i in range(size):
+                    part[i] = part[i] * scale * w_part[i]
+
+    @_inline
     def _rotate_pairs(m, cos, sin, halved):
         # rotate the S angle pairs of the N-vector m in place: (a, b) -> (a cos - b sin,
         # a sin + b cos); pairs (2j, 2j+1) (SISO) or (j, j + N/2) (MIMO, `halved`)
@@ -845,6 +919,8 @@ if numba is not None:
             _fused_step,
             _fused_step2,
             _fused_step3,
+            _ssd_scan,
+            _gated_norm,
         )
         for dtype in (np.float32, np.float64)
     }
@@ -1047,6 +1123,61 @@ def fused_step2(proj, conv_w, conv_b, conv_state, dt_bias, A, D, norm_w, h0, *, 
     rows_of = plan_rows(batch, batch * heads * head_dim * n_state, threads)
     run_all(lambda i: kernel(*fixed, *scratch(), *rows_of[i]), len(rows_of))
     return fixed[11], fixed[9], fixed[10]
+
+
+def ssd_scan(x, dt, A, Bm, Cm, S0, *, keep=None, dt_bias=None, D=None,
+             time_step_limit=(0.0, float("inf")), threads=None):  # fmt: skip
+    """The Mamba-2 scan (`mamba_core.ssd`'s recurrence), compiled: each (batch row, head)
+    runs the whole sequence with its (P, N) state in cache, the pairs spread over the pool.
+
+    x (B,L,H,P) or (B,L,E) (a column block of a larger array is read in place); dt (B,L,H);
+    A (H,); Bm, Cm (B,L,G,N) or (B,L,G*N); S0 (B,H,P,N); keep (B,L) or None -> y (B,L,H,P)
+    and S_L.  With `dt_bias` (H,), dt holds the pre-activations: dt = softplus(dt + dt_bias)
+    clamped to `time_step_limit`; with `D` (H,), y includes the skip D x."""
+    dtype = np.dtype(S0.dtype)
+    batch, length = dt.shape[0], dt.shape[1]
+    heads, head_dim, n_state = S0.shape[1:]
+    groups = Bm.shape[-1] // n_state if Bm.ndim == 3 else Bm.shape[2]
+
+    def cols(a, width):  # (B, L, width) (source, offset)
+        return _columns(a if a.ndim == 3 else a.reshape(batch, length, width), dtype)
+
+    pre = dt_bias is not None
+    lo, hi = time_step_limit
+    s0 = _c(S0, dtype)
+    s = np.empty_like(s0)
+    y = np.empty((batch, length, heads * head_dim), dtype)
+    fixed = (
+        *cols(x, heads * head_dim), *cols(Bm, groups * n_state), *cols(Cm, groups * n_state),
+        *cols(dt, heads), _c(dt_bias if pre else np.zeros(heads), dtype), _c(A, dtype),
+        _c(np.zeros(heads) if D is None else D, dtype),
+        np.empty((0, 0), dtype) if keep is None else _c(keep, dtype), s0, s, y, heads, groups,
+        pre, dtype.type(lo), dtype.type(min(hi, np.finfo(dtype).max)), lo > 0,
+        hi < float("inf"),
+    )  # fmt: skip
+    kernel = _KERNELS[dtype][9]
+    if ("ssd_scan", dtype.str) not in _SEEN:  # compile / load on an empty range
+        _timed("ssd_scan", kernel, *fixed, 0, 0)
+    pairs = plan_rows(batch * heads, batch * length * heads * head_dim * n_state, threads)
+    run_all(lambda i: kernel(*fixed, *pairs[i]), len(pairs))
+    return y.reshape(batch, length, heads, head_dim), s
+
+
+def gated_rmsnorm(y, z, weight, groups: int, eps: float, *, threads=None):
+    """Mamba-2's gated RMSNorm (`mamba_core.ops.gated_rmsnorm`), compiled, in place on y
+    (B,L,E) (C-contiguous, its own buffer); z (B,L,E) may be a column block of a larger
+    array.  Returns y."""
+    dtype = np.dtype(y.dtype)
+    rows = y.reshape(-1, y.shape[-1])
+    z_src, oz = _columns(z, dtype)
+    fixed = (rows, z_src.reshape(-1, z_src.shape[-1]), oz, _c(weight, dtype), groups,
+             dtype.type(eps))  # fmt: skip
+    kernel = _KERNELS[dtype][10]
+    if ("gated_norm", dtype.str) not in _SEEN:
+        _timed("gated_norm", kernel, *fixed, 0, 0)
+    parts = plan_rows(rows.shape[0], rows.size * 8, threads)
+    run_all(lambda i: kernel(*fixed, *parts[i]), len(parts))
+    return y
 
 
 _ONES: dict[tuple, np.ndarray] = {}

@@ -36,6 +36,7 @@ __all__ = [
     "FUSED_STEPS",
     "NumpyBackend",
     "fused_forward",
+    "fused_forward_mamba2",
     "fused_inner",
     "fused_inner_backward",
     "fused_step_mamba1",
@@ -46,6 +47,7 @@ __all__ = [
     "num_threads",
     "scan_linear",
     "scan_native",
+    "ssd_native",
 ]
 
 
@@ -94,8 +96,19 @@ def scan_native(u, dt, A, Bm, Cm, h0, *, threads: int | None = None, keep=None):
     return scan_linear(u, dt, A, Bm, Cm, h0, threads=threads, keep=keep)
 
 
+def ssd_native(x, dt, A, Bm, Cm, S0, *, keep=None, threads: int | None = None):
+    """Mamba-2's linear scan: the compiled kernel (`backends.kernels.ssd_scan`) where it
+    runs, else the core's chunked `cumulative` form (the same recurrence; the core's
+    step-by-step `linear` would be a Python loop over L)."""
+    if kernels.supports(S0.dtype) and all(a.dtype == S0.dtype for a in (x, dt, A, Bm, Cm)):
+        return kernels.ssd_scan(x, dt, A, Bm, Cm, S0, keep=keep, threads=threads)
+    from mamba_core.ssd import ssd_scan
+
+    return ssd_scan(x, dt, A, Bm, Cm, S0, algorithm="cumulative", keep=keep)
+
+
 #: (mixer version, scan_type) -> native NumPy scan; the rest run the core's generic scans
-NATIVE_SCANS = {("mamba1", "linear"): scan_native}
+NATIVE_SCANS = {("mamba1", "linear"): scan_native, ("mamba2", "linear"): ssd_native}
 
 
 #: up to this many rows (a decode step's batch), `dense` computes weight @ x.T: OpenBLAS's
@@ -234,6 +247,51 @@ def fused_inner_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D,
     return d_xz, d_cw, d_cb, d_wx, d_wdt, d_bias, d_a, d_d, d_cs, d_h0
 
 
+def fused_forward_mamba2(params, x, config: MambaConfig, state=None, *, linear=dense):
+    """The Mamba-2 mixer with its elementwise work compiled: in_proj as three products (z,
+    xBC and dt: each output contiguous, no copies of column blocks), the conv + SiLU kernel
+    over xBC, the scan kernel with dt's softplus and clamp and the D skip (`kernels.ssd_scan`:
+    each head's state in cache for the whole sequence), the gated RMSNorm kernel, out_proj.
+    The same arithmetic as the core's mixer (which the tests hold it to) without its (B, L,
+    ...) temporaries or the chunked form's T x T matrices.  x (B, L, H) -> (out, Mamba2State);
+    `state` is not modified."""
+    from mamba_core.mixers.mamba2 import Mamba2State, conv_dim
+
+    dtype = x.dtype
+    batch = x.shape[0]
+    e, channels, heads = config.d_inner, conv_dim(config), config.num_heads
+
+    def p(name):
+        return np.asarray(params[name], dtype=dtype)
+
+    w_in = p("in_proj.weight")
+    b_in = p("in_proj.bias") if config.use_bias else None
+
+    def part(lo, hi):  # in_proj's rows lo..hi
+        return linear(x, w_in[lo:hi], None if b_in is None else b_in[lo:hi])
+
+    z, xbc, dt_pre = part(0, e), part(e, e + channels), part(e + channels, e + channels + heads)
+    if state is None:
+        conv_state = np.zeros((batch, channels, config.d_conv), dtype)
+        s0 = np.zeros((batch, heads, config.head_dim, config.d_state), dtype)
+    else:
+        conv_state, s0 = state.conv_state, state.ssm_state
+    conv_b = p("conv1d.bias") if config.use_conv_bias else np.zeros(channels, dtype)
+    u, new_conv = kernels.conv_silu(xbc, p("conv1d.weight")[:, 0, :], conv_b, conv_state)
+    gn = config.n_groups * config.d_state
+    a_vec = p("A") if "A" in params else -np.exp(p("A_log"))
+    y, s = kernels.ssd_scan(
+        u[..., :e], dt_pre, a_vec, u[..., e : e + gn], u[..., e + gn :], s0,
+        dt_bias=p("dt_bias"), D=p("D"), time_step_limit=config.time_step_limit,
+    )  # fmt: skip
+    y = kernels.gated_rmsnorm(
+        y.reshape(*x.shape[:2], e), z, p("norm.weight"), config.n_groups,
+        config.layer_norm_epsilon,
+    )  # fmt: skip
+    out = linear(y, p("out_proj.weight"), p("out_proj.bias") if config.use_bias else None)
+    return out, Mamba2State(new_conv, s)
+
+
 def fused_step_mamba1(params, x_t, config: MambaConfig, state=None, *, linear=dense):
     """A Mamba-1 decode step: x_t (B, H) -> (out (B, H), MambaState), `fused_forward` on one
     token (everything between in_proj and out_proj in `kernels.fused_step`)."""
@@ -307,7 +365,7 @@ def fused_step_mamba3(params, x_t, config: MambaConfig, state=None, *, linear=de
 
 #: mixer version -> its forward with compiled elementwise work (`backends.kernels`); the
 #: other versions run the core's mixer
-FUSED_FORWARDS = {"mamba1": fused_forward}
+FUSED_FORWARDS = {"mamba1": fused_forward, "mamba2": fused_forward_mamba2}
 #: mixer version -> its compiled one-token decode step (params, x_t, config, state, *,
 #: linear) -> (out, state)
 FUSED_STEPS = {
@@ -348,6 +406,14 @@ class NumpyBackend(Backend):
 
     def device_of(self, value: Any) -> str:
         return "cpu"
+
+    def auto_scan(self, platform: str, config: MambaConfig) -> str:
+        """`linear` for the versions with a compiled linear scan here (Mamba-1; Mamba-2 with
+        the kernels: its fused forward, measured faster than the chunked SSD form on CPU),
+        else the mixer's own rule."""
+        if (config.version, "linear") in NATIVE_SCANS and kernels.available():
+            return "linear"
+        return super().auto_scan(platform, config)
 
     def scan_fn(self, scan_type: str, config: MambaConfig):
         """The native scan where there is one (NATIVE_SCANS), else the core's."""

@@ -395,6 +395,77 @@ def test_mamba2_decode_step_kernel_matches_core_and_reference(rng, dtype, overri
     assert_close(new0.ssm_state, core0_state.ssm_state, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("overrides", MAMBA2_CONFIGS)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_mamba2_fused_forward_matches_core_and_reference(rng, dtype, overrides, with_state,
+                                                         blocks, monkeypatch):  # fmt: skip
+    # a Mamba-2 sequence on the NumPy backend (scan "linear", what "auto" runs with the
+    # kernels) runs `fused_forward_mamba2`: conv kernel, `kernels.ssd_scan` (softplus, clamp,
+    # skip), `kernels.gated_rmsnorm`; against the core's chunked form and the independent
+    # reference, from zeros or a random state, (batch, head) pairs over threads or not,
+    # every parameter perturbed off its init
+    from mamba_core.mixers.mamba2 import Mamba2State, conv_dim
+    from tests.reference import reference_forward_mamba2
+
+    cfg = MambaConfig(**{"version": "mamba2", "hidden_size": 16, "d_state": 8, "head_dim": 8,
+                         **overrides})  # fmt: skip
+    d = np.dtype(dtype)
+    params = {
+        k: (v + 0.2 * rng.standard_normal(v.shape)).astype(d)
+        for k, v in init_params(cfg, 3).items()
+    }
+    x = rng.standard_normal((3, 37, cfg.hidden_size)).astype(d)
+    state = None
+    if with_state:
+        state = Mamba2State(
+            rng.standard_normal((3, conv_dim(cfg), cfg.d_conv)).astype(d),
+            rng.standard_normal((3, cfg.num_heads, cfg.head_dim, cfg.d_state)).astype(d),
+        )
+    calls = []
+    for name in ("ssd_scan", "gated_rmsnorm"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _k=kernel, **k: calls.append(1)
+                            or _k(*a, **k, threads=blocks))  # fmt: skip
+    backend = npb.get_backend()
+    out, new = backend.forward(params, x, cfg, state, "linear")
+    assert len(calls) == 2
+    core, core_state = npb.mixer_forward(params, x, cfg, state, xp=npb.xp_numpy)
+    ref, (ref_conv, ref_h) = reference_forward_mamba2(params, x, cfg, state)
+    assert out.dtype == new.ssm_state.dtype == new.conv_state.dtype == d
+    assert_close(out, core, dtype)
+    assert_close(out, ref, dtype)
+    assert_close(new.ssm_state, core_state.ssm_state, dtype)
+    assert_close(new.ssm_state, ref_h, dtype)
+    assert_close(new.conv_state, ref_conv, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("packed", [False, True])
+def test_mamba2_native_scan_matches_the_core_scan(rng, dtype, groups, packed, blocks):
+    # the plain compiled Mamba-2 scan (`ssd_native`: what masked and packed calls on NumPy
+    # run) against the core's step-by-step recurrence: outputs and final state, packed
+    # restarts included, large dt (decays underflowing to 0) in some steps
+    from mamba_core.ssd import ssd_scan
+
+    d = np.dtype(dtype)
+    B, L, H, P, N = 3, 41, 4, 5, 7
+    x = rng.standard_normal((B, L, H, P)).astype(d)
+    dt = (rng.random((B, L, H)) * np.where(rng.random((B, L, 1)) < 0.1, 200, 1)).astype(d)
+    A = -np.exp(rng.standard_normal(H)).astype(d)
+    Bm, Cm = (rng.standard_normal((B, L, groups, N)).astype(d) for _ in range(2))
+    S0 = rng.standard_normal((B, H, P, N)).astype(d)
+    keep = (rng.random((B, L)) > 0.15).astype(d) if packed else None
+    before = S0.copy()
+    y, s = npb.ssd_native(x, dt, A, Bm, Cm, S0, keep=keep, threads=blocks)
+    y_ref, s_ref = ssd_scan(x, dt, A, Bm, Cm, S0, algorithm="linear", keep=keep)
+    assert y.shape == y_ref.shape and y.dtype == d and s.dtype == d
+    assert_close(y, y_ref, dtype)
+    assert_close(s, s_ref, dtype)
+    np.testing.assert_array_equal(S0, before)  # the state in is only read
+
+
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 def test_mamba2_steps_equal_the_forward_and_nan_stays_nan(rng, backend, monkeypatch):
     # the module's decode loop on the kernel (NumPy, PyTorch on the CPU) equals one forward;
