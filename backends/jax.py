@@ -50,7 +50,7 @@ from mamba_core.ssd import SSD_DEFAULT_CHUNK, ssd_chunk_associative, ssd_chunk_c
 from mamba_core.ssd3 import SSD3_ALGORITHMS, SSD3_DEFAULT_CHUNK
 
 from . import kernels
-from .numpy import dense, fused_inner, fused_inner_backward, fuses, inner_operands
+from .numpy import dense, fused_inner, fused_inner_backward, fuses, inner_operands, product
 
 __all__ = [
     "SCANS",
@@ -355,14 +355,14 @@ def _host_backward(x, w_in, b_in, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, 
     def rows(a):
         return a.reshape(-1, a.shape[-1])
 
-    d_y = (rows(d_out) @ w_out).reshape(y.shape)
-    d_w_out = rows(d_out).T @ rows(y)
+    d_y = product(rows(d_out), w_out).reshape(y.shape)
+    d_w_out = product(rows(d_out).T, rows(y))
     d_xz, *inner = fused_inner_backward(
         xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, a_mat, d_skip, conv_state, x_dbl,
         starts, d_y, d_conv, d_h, dt_rank, chunk=chunk,
     )  # fmt: skip
-    d_x = (rows(d_xz) @ w_in).reshape(x.shape)
-    d_w_in = rows(d_xz).T @ rows(x)
+    d_x = product(rows(d_xz), w_in).reshape(x.shape)
+    d_w_in = product(rows(d_xz).T, rows(x))
     if use_bias:
         d_b_in, d_b_out = rows(d_xz).sum(0), rows(d_out).sum(0)
     else:  # the zeros the layer was given in their place

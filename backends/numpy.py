@@ -29,7 +29,7 @@ from mamba_core.params import to_numpy
 from mamba_core.registry import Backend
 
 from . import kernels
-from .threads import num_threads, run_blocks
+from .threads import num_threads, run_blocks, split_product
 
 __all__ = [
     "FUSED_FORWARDS",
@@ -45,6 +45,7 @@ __all__ = [
     "get_backend",
     "inner_operands",
     "num_threads",
+    "product",
     "scan_linear",
     "scan_native",
     "ssd_native",
@@ -126,11 +127,23 @@ def dense(x: np.ndarray, weight: np.ndarray, bias=None) -> np.ndarray:
     rows, out = x.reshape(-1, x.shape[-1]), y.reshape(-1, weight.shape[0])
     if 1 < rows.shape[0] <= _SKINNY_ROWS:
         out[...] = np.matmul(weight, rows.T).T
-    else:
+    elif not split_product(rows, weight.T, out):  # (many rows: slices on the pool)
         np.matmul(rows, weight.T, out=out)
     if bias is not None:
         y += bias
     return y
+
+
+def product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b for the kernels' gradient products (b 2-D): NumPy's matmul, its rows of a spread
+    over the pool when there are many (`threads.split_product`)."""
+    if b.ndim != 2 or not (a.ndim == 2 or a.flags.c_contiguous):
+        return np.matmul(a, b)
+    out = np.empty((*a.shape[:-1], b.shape[1]), np.result_type(a, b))
+    rows = a.reshape(-1, a.shape[-1])
+    if not split_product(rows, b, out.reshape(-1, b.shape[1])):
+        np.matmul(rows, b, out=out.reshape(-1, b.shape[1]))
+    return out
 
 
 def fused_forward(params, x, config: MambaConfig, state=None, *, linear=dense):
@@ -215,7 +228,7 @@ def fused_inner(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, conv_sta
 
 def fused_inner_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, conv_state,
                          x_dbl, starts, dy, d_conv, dh, dt_rank: int, *, linear=dense,
-                         matmul=np.matmul, chunk: int) -> tuple:  # fmt: skip
+                         matmul=product, chunk: int) -> tuple:  # fmt: skip
     """`fused_inner`'s backward pass: the gradients of (y, conv_state, h) given dy, d_conv,
     dh, with respect to (xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, conv_state,
     h0), in that order, from the forward's xz, x_dbl and starts (`fused_inner(...,

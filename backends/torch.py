@@ -68,6 +68,7 @@ from .numpy import (
     fused_inner_backward,
     fuses,
     inner_operands,
+    product,
 )
 
 __all__ = [
@@ -283,7 +284,7 @@ def _measure_blas(dtype: np.dtype) -> tuple[str, float, float]:
 def _products(dtype):
     """(linear, matmul) on NumPy arrays for the kernel paths, on the BLAS `_blas` chose."""
     if _blas(dtype) == "numpy":
-        return dense, np.matmul
+        return dense, product
     return _torch_linear, _torch_matmul
 
 
@@ -307,9 +308,9 @@ class _NumpyLinear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad
         dx = dw = db = None
         if need_x:
-            dx = torch.from_numpy(np.matmul(rows, _view(weight)).reshape(x.shape))
+            dx = torch.from_numpy(product(rows, _view(weight)).reshape(x.shape))
         if need_w:
-            dw = torch.from_numpy(np.matmul(rows.T, _view(x).reshape(-1, x.shape[-1])))
+            dw = torch.from_numpy(product(rows.T, _view(x).reshape(-1, x.shape[-1])))
         if need_b and ctx.has_bias:
             db = torch.from_numpy(rows.sum(axis=0))
         return dx, dw, db

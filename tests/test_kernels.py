@@ -581,6 +581,51 @@ def test_mamba3_module_decode_runs_the_kernel_and_equals_the_forward(rng, backen
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_split_products_equal_numpy_and_restore_the_blas_threads(rng, dtype, monkeypatch):
+    # `dense` and `product` with many rows: row slices on the pool with the BLAS at one
+    # thread; the same numbers as one NumPy product, the BLAS's thread count restored
+    # (also after a failing product), nothing split from a pool thread or without a BLAS
+    # control
+    libs = threads_mod._blas_libs()
+    assert libs, "threadpoolctl (the `fast` extra) finds no BLAS"
+    before = [lib.num_threads for lib in libs]
+    d = np.dtype(dtype)
+    x = rng.standard_normal((3, 700, 48)).astype(d)
+    w = rng.standard_normal((37, 48)).astype(d)
+    seen = []
+    matmul = np.matmul
+
+    def spy(a, b, **kw):
+        seen.append((a.shape[0], [lib.num_threads for lib in libs]))
+        return matmul(a, b, **kw)
+
+    monkeypatch.setenv("MAMBA_CORE_NUM_THREADS", "2")
+    monkeypatch.setattr(np, "matmul", spy)  # (the numpy module: threads.py's and ours)
+    y = npb.dense(x, w, bias=w[:, 0])
+    g = npb.product(x.reshape(-1, 48), w.T)
+    few = npb.product(x.reshape(-1, 48).T, x.reshape(-1, 48))  # 48 rows: one product
+    monkeypatch.setattr(np, "matmul", matmul)
+    assert [n for n, _ in seen] == [1050, 1050, 1050, 1050, 48]  # two slices each
+    assert all(counts == [1] * len(libs) for _, counts in seen[:4])
+    assert seen[4][1] == before
+    assert [lib.num_threads for lib in libs] == before
+    assert_close(y, x @ w.T + w[:, 0], dtype)
+    assert_close(g, x.reshape(-1, 48) @ w.T, dtype)
+    assert_close(few, x.reshape(-1, 48).T @ x.reshape(-1, 48), dtype)
+    with pytest.raises(ValueError):
+        threads_mod.split_product(x.reshape(-1, 48), w, np.empty((2100, 5), d), threads=2)
+    assert [lib.num_threads for lib in libs] == before
+    out = np.empty((2100, 37), d)
+    in_pool = threads_mod._pool(1).submit(
+        threads_mod.split_product, x.reshape(-1, 48), w.T, out, 2
+    ).result()
+    assert in_pool is False  # (it would wait on its own pool)
+    monkeypatch.setattr(threads_mod, "_BLAS_LIBS", ())
+    assert threads_mod.split_product(x.reshape(-1, 48), w.T, out, 2) is False
+    assert_close(npb.dense(x, w), x @ w.T, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_step_equals_forward_and_keeps_old_state(rng, dtype):
     cfg = small_config()
     module = MambaModule(cfg, backend="numpy", seed=1, dtype=dtype)
