@@ -55,6 +55,7 @@ __all__ = [
     "compile_seconds",
     "conv_silu",
     "conv_silu_backward",
+    "exp",
     "fused_scan",
     "fused_scan_backward",
     "fused_step",
@@ -561,6 +562,14 @@ if numba is not None:
                 for i in range(g * group_size, (g + 1) * group_size):
                     y_row[i] = y_row[i] * scale * norm_w[i]
 
+    @_jit
+    def _exp_into(v, out, r0, r1):
+        # out = exp(v) elementwise for v <= 0 (the kernels' own exponential), items r0..r1
+        # (views indexed from 0: see `_fused_scan`)
+        src, dst = v[r0:r1], out[r0:r1]
+        for i in range(dst.shape[0]):
+            dst[i] = _exp(src[i])
+
     @_inline
     def _head_row(h_row, decay, b_row, c_row, dx):
         # one channel of a Mamba-2 head, in place: h = decay h + dx B; returns h.C
@@ -921,6 +930,7 @@ if numba is not None:
             _fused_step3,
             _ssd_scan,
             _gated_norm,
+            _exp_into,
         )
         for dtype in (np.float32, np.float64)
     }
@@ -1178,6 +1188,21 @@ def gated_rmsnorm(y, z, weight, groups: int, eps: float, *, threads=None):
     parts = plan_rows(rows.shape[0], rows.size * 8, threads)
     run_all(lambda i: kernel(*fixed, *parts[i]), len(parts))
     return y
+
+
+def exp(x, *, threads=None) -> np.ndarray:
+    """exp(x) for non-positive x (a float32 or float64 array), with the kernels' own
+    exponential (the one their scans run: see the module doc), spread over the pool for
+    large arrays.  What the bench times as the kernels' exp rate."""
+    dtype = np.dtype(x.dtype)
+    flat = _c(x, dtype).reshape(-1)
+    out = np.empty_like(flat)
+    kernel = _KERNELS[dtype][11]
+    if ("exp", dtype.str) not in _SEEN:
+        _timed("exp", kernel, flat, out, 0, 0)
+    parts = plan_rows(flat.size, flat.size, threads)  # (element ranges)
+    run_all(lambda i: kernel(flat, out, *parts[i]), len(parts))
+    return out.reshape(np.shape(x))
 
 
 _ONES: dict[tuple, np.ndarray] = {}

@@ -92,6 +92,17 @@ def test_kernel_exponential_is_accurate_over_its_range(dtype):
         assert np.all(rel <= 1e-15 * (1.0 + np.abs(args) / 25.0)), rel.max()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_exp_function_matches_numpy(dtype, blocks):
+    # `kernels.exp` (the bench's measure of the kernels' exp rate): the same exponential as
+    # the scans, any shape, split over threads or not
+    d = np.dtype(dtype)
+    x = -np.linspace(0.0, 80.0, 3 * 4001).astype(d).reshape(3, 4001)
+    out = kernels.exp(x, threads=blocks)
+    assert out.shape == x.shape and out.dtype == d
+    assert_close(out, np.exp(x.astype(np.float64)), dtype)
+
+
 @pytest.mark.parametrize("name", ["_sigmoid", "_silu", "_softplus"])
 def test_kernel_helpers_compute_in_their_arguments_dtype(name):
     # numba types float32 + an int literal as float64: a helper written that way compiles,
@@ -616,9 +627,11 @@ def test_split_products_equal_numpy_and_restore_the_blas_threads(rng, dtype, mon
         threads_mod.split_product(x.reshape(-1, 48), w, np.empty((2100, 5), d), threads=2)
     assert [lib.num_threads for lib in libs] == before
     out = np.empty((2100, 37), d)
-    in_pool = threads_mod._pool(1).submit(
-        threads_mod.split_product, x.reshape(-1, 48), w.T, out, 2
-    ).result()
+    in_pool = (
+        threads_mod._pool(1)
+        .submit(threads_mod.split_product, x.reshape(-1, 48), w.T, out, 2)
+        .result()
+    )
     assert in_pool is False  # (it would wait on its own pool)
     monkeypatch.setattr(threads_mod, "_BLAS_LIBS", ())
     assert threads_mod.split_product(x.reshape(-1, 48), w.T, out, 2) is False
