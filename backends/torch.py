@@ -237,7 +237,7 @@ def _blas(dtype) -> str:
     kernels (an AVX-512 AMD EPYC here: 186-203 GFLOP/s against NumPy's OpenBLAS at 420-480 on
     the seed layer's products), while on Intel CPUs or where both run the same kernels the
     two are close.  The first kernel-path call of a dtype times one 1024x768x1024 product on
-    each, best of three (a few ms, once per process)."""
+    each, best of three alternating rounds (a few ms, once per process)."""
     name = str(dtype).rsplit(".", 1)[-1]
     entry = _BLAS.get(name)
     if entry is None:
@@ -267,16 +267,16 @@ def _measure_blas(dtype: np.dtype) -> tuple[str, float, float]:
     w = rng.standard_normal((1024, 768)).astype(dtype)
     ta, tw = torch.from_numpy(a), torch.from_numpy(w)
 
-    def rate(product) -> float:
-        product()  # (thread pools start, code paths load)
-        best = float("inf")
-        for _ in range(3):
+    calls = (lambda: np.matmul(a, w.T), lambda: F.linear(ta, tw))  # (the two libraries)
+    best = [float("inf")] * 2
+    for call in calls:
+        call()  # (thread pools start, code paths load)
+    for _ in range(3):  # alternating, so that a slow moment of the machine hits both
+        for i, call in enumerate(calls):
             start = time.perf_counter()
-            product()
-            best = min(best, time.perf_counter() - start)
-        return 2 * 1024 * 768 * 1024 / best / 1e9
-
-    numpy_rate, torch_rate = rate(lambda: dense(a, w)), rate(lambda: F.linear(ta, tw))
+            call()
+            best[i] = min(best[i], time.perf_counter() - start)
+    numpy_rate, torch_rate = (2 * 1024 * 768 * 1024 / t / 1e9 for t in best)
     choice = "numpy" if numpy_rate >= NUMPY_BLAS_MARGIN * torch_rate else "torch"
     return choice, round(numpy_rate, 1), round(torch_rate, 1)
 

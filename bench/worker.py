@@ -312,6 +312,10 @@ def task_machine(task: dict) -> dict:
     import torch
     from threadpoolctl import threadpool_info
 
+    from mamba_core.backends.torch import kernel_blas
+
+    kernel_blas(torch.float32)  # measured as a fresh worker does (before XLA's threads run)
+
     rng = np.random.default_rng(0)
     m, k, n = 4096, 768, 3072  # the in_proj shape of the seed config at B*L = 4096
     a = rng.standard_normal((m, k), dtype=np.float32)
