@@ -23,7 +23,7 @@ import array_api_compat.numpy as xp_numpy
 import numpy as np
 
 from mamba_core.config import MambaConfig
-from mamba_core.mixer import core_scan, mixer_forward, mixer_step
+from mamba_core.mixer import core_scan, init_state, mixer_forward, mixer_step
 from mamba_core.mixers.mamba1 import MambaState
 from mamba_core.params import to_numpy
 from mamba_core.registry import Backend
@@ -284,11 +284,7 @@ def fused_forward_mamba2(params, x, config: MambaConfig, state=None, *, linear=d
         return linear(x, w_in[lo:hi], None if b_in is None else b_in[lo:hi])
 
     z, xbc, dt_pre = part(0, e), part(e, e + channels), part(e + channels, e + channels + heads)
-    if state is None:
-        conv_state = np.zeros((batch, channels, config.d_conv), dtype)
-        s0 = np.zeros((batch, heads, config.head_dim, config.d_state), dtype)
-    else:
-        conv_state, s0 = state.conv_state, state.ssm_state
+    conv_state, s0 = state or init_state(config, batch, dtype=dtype, xp=xp_numpy)
     conv_b = p("conv1d.bias") if config.use_conv_bias else np.zeros(channels, dtype)
     u, new_conv = kernels.conv_silu(xbc, p("conv1d.weight")[:, 0, :], conv_b, conv_state)
     gn = config.n_groups * config.d_state
@@ -320,18 +316,14 @@ def fused_step_mamba2(params, x_t, config: MambaConfig, state=None, *, linear=de
     from mamba_core.mixers.mamba2 import Mamba2State, conv_dim
 
     dtype = x_t.dtype
-    batch, heads, n_state = x_t.shape[0], config.num_heads, config.d_state
+    batch = x_t.shape[0]
 
     def p(name):
         return np.asarray(params[name], dtype=dtype)
 
     proj = linear(x_t, p("in_proj.weight"), p("in_proj.bias") if config.use_bias else None)
-    channels, width = conv_dim(config), config.d_conv
-    if state is None:
-        conv_state = np.zeros((batch, channels, width), dtype)
-        h0 = np.zeros((batch, heads, config.head_dim, n_state), dtype)
-    else:
-        conv_state, h0 = state.conv_state, state.ssm_state
+    channels = conv_dim(config)
+    conv_state, h0 = state or init_state(config, batch, dtype=dtype, xp=xp_numpy)
     conv_b = p("conv1d.bias") if config.use_conv_bias else np.zeros(channels, dtype)
     a_vec = p("A") if "A" in params else -np.exp(p("A_log"))
     y, new_conv, h = kernels.fused_step2(
@@ -347,11 +339,10 @@ def fused_step_mamba3(params, x_t, config: MambaConfig, state=None, *, linear=de
     """A Mamba-3 decode step: x_t (B, H) -> (out (B, H), Mamba3State): in_proj and out_proj
     on BLAS (`linear`), everything between in one kernel (`kernels.fused_step3`), the same
     arithmetic as the core's `mixer_step` (which the tests hold it to)."""
-    from mamba_core.mixers.mamba3 import EPS, Mamba3State, sizes
+    from mamba_core.mixers.mamba3 import EPS, Mamba3State
 
     dtype = x_t.dtype
-    _, _, heads, head_dim, groups, n_state, ranks, angles = sizes(config)
-    batch = x_t.shape[0]
+    groups, batch = config.n_groups, x_t.shape[0]
 
     def p(name):
         return np.asarray(params[name], dtype=dtype)
@@ -360,13 +351,7 @@ def fused_step_mamba3(params, x_t, config: MambaConfig, state=None, *, linear=de
         return p(name) if name in params else None
 
     proj = linear(x_t, p("in_proj.weight"))
-    if state is None:
-        state = Mamba3State(
-            np.zeros((batch, heads, angles), dtype),
-            np.zeros((batch, heads, head_dim, n_state), dtype),
-            np.zeros((batch, ranks, heads, n_state), dtype),
-            np.zeros((batch, heads, head_dim), dtype),
-        )
+    state = state or init_state(config, batch, dtype=dtype, xp=xp_numpy)
     y, new = kernels.fused_step3(
         proj, p("dt_bias"), p("B_bias"), p("C_bias"), p("B_norm.weight"), p("C_norm.weight"),
         p("D"), *state, groups=groups, halved=config.mimo, A_floor=config.A_floor,

@@ -230,6 +230,11 @@ NUMPY_BLAS_MARGIN = 1.25
 BLAS_ENV = "MAMBA_CORE_TORCH_BLAS"
 
 
+def _dtype_name(dtype) -> str:
+    """The `_BLAS` key of a torch or NumPy dtype: torch.float32 -> "float32"."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
 def _blas(dtype) -> str:
     """Which BLAS runs this dtype's products on the CPU kernel paths: "numpy" or "torch".
 
@@ -238,7 +243,7 @@ def _blas(dtype) -> str:
     the seed layer's products), while on Intel CPUs or where both run the same kernels the
     two are close.  The first kernel-path call of a dtype times one 1024x768x1024 product on
     each, best of three alternating rounds (a few ms, once per process)."""
-    name = str(dtype).rsplit(".", 1)[-1]
+    name = _dtype_name(dtype)
     entry = _BLAS.get(name)
     if entry is None:
         forced = os.environ.get(BLAS_ENV, "").strip().lower()
@@ -257,7 +262,7 @@ def kernel_blas(dtype=torch.float32) -> dict[str, Any]:
     decided it: {"choice": "numpy" | "torch", "numpy_gflops", "torch_gflops"} (NaN rates
     when `MAMBA_CORE_TORCH_BLAS` forced the choice)."""
     _blas(dtype)
-    entry = _BLAS[str(dtype).rsplit(".", 1)[-1]]
+    entry = _BLAS[_dtype_name(dtype)]
     return dict(zip(("choice", "numpy_gflops", "torch_gflops"), entry, strict=True))
 
 
